@@ -1,25 +1,211 @@
-"""Compute a message's stored structure. (Interim version: the IMAP work extends it.)
+"""Compute a message's stored structure once, at append ("parse once").
 
-The returned dict always has:
+``analyze(raw)`` returns a JSON-able dict:
+
 - ``"v"``: STRUCTURE_VERSION; a store re-analyzes rows whose version is older.
-- ``"header_size"``: octets of the header block including the blank line.
+- ``"header_size"``: octets of the top-level header block including the blank line.
 - ``"lines"``: number of lines of the whole message.
-- ``"text"``: searchable text (decoded header values and text parts), for the full-text index.
+- ``"text"``: searchable text (decoded header values, then decoded text parts), for the full-text index;
+  its first ``"text_hlen"`` characters are the header part (so a body-only index is ``text[text_hlen:]``).
+- ``"env"``: the ENVELOPE fields (``mime.headers.envelope``).
+- ``"date"``: the Date: header as seconds since the epoch, or None (SEARCH SENTBEFORE …, SORT).
+- ``"fields"``: ``[[lower-cased name, decoded value], ...]`` of the top-level header (SEARCH HEADER, FROM …).
+- ``"body"``: the part tree (see :func:`_node`), with byte offsets so that every ``BODY[section]`` is one
+  ``store.read_range`` and BODYSTRUCTURE is rendered without touching the message.
+
+Part node keys: ``t``/``s`` type and subtype (lower case), ``p`` parameters ``[[name, value], ...]``,
+``id``, ``d`` (description), ``e`` (transfer encoding, upper case), ``md5``, ``disp`` (``[type, params]`` or
+None), ``lang`` (list or None), ``loc``; ``o`` offset of the part's MIME header, ``h`` header octets
+including the blank line, ``b`` body octets (the body starts at ``o + h``), ``l`` body lines (text and
+message/rfc822 parts); ``c`` children of a multipart; ``m`` for message/rfc822: ``{"env": ..., "n": node
+of the embedded message}``.
+
+Invariants: pure and total (malformed input gives a best-effort structure, never an exception); offsets are
+into ``raw`` exactly as stored; nesting deeper than ``MAX_DEPTH`` is treated as an opaque leaf.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
-STRUCTURE_VERSION = 1
+from postroom.mime.headers import decode_words, envelope, param, parse_date, parse_fields, parse_params
+
+STRUCTURE_VERSION = 2
+
+MAX_DEPTH = 32  # MIME nesting levels analysed; deeper parts are leaves (bounds recursion on hostile input)
+MAX_TEXT = 512 * 1024  # characters of searchable text kept per message
+MAX_PARTS = 1000  # parts analysed per message; the rest are ignored (bounds work on hostile input)
+
+_TAGS = re.compile(r"<[^>]*>")
+
+
+def _header_end(raw: bytes, start: int, end: int) -> int:
+    """Offset just after the blank line ending the header block in ``raw[start:end]`` (or ``end``)."""
+    if raw.startswith(b"\r\n", start):
+        return start + 2
+    if raw.startswith(b"\n", start):
+        return start + 1
+    crlf = raw.find(b"\r\n\r\n", start, end)
+    lf = raw.find(b"\n\n", start, end)
+    if crlf < 0 and lf < 0:
+        return end
+    if crlf >= 0 and (lf < 0 or crlf + 1 < lf):
+        return crlf + 4
+    return lf + 2
+
+
+def _count_lines(raw: bytes, start: int, end: int) -> int:
+    if end <= start:
+        return 0
+    n = raw.count(b"\n", start, end)
+    return n if raw[end - 1] == 0x0A else n + 1
+
+
+def _split_multipart(raw: bytes, start: int, end: int, boundary: str) -> list[tuple[int, int]]:
+    """Byte ranges of the body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1)."""
+    delim = b"--" + boundary.encode("utf-8", "replace")
+    parts: list[tuple[int, int]] = []
+    if raw.startswith(delim, start):
+        pos = start
+    else:
+        found = raw.find(b"\n" + delim, start, end)
+        if found < 0:
+            return parts
+        pos = found + 1
+    while len(parts) < MAX_PARTS:
+        after = pos + len(delim)
+        if raw.startswith(b"--", after):
+            break
+        eol = raw.find(b"\n", after, end)
+        if eol < 0:
+            break
+        part_start = eol + 1
+        nxt = raw.find(b"\n" + delim, eol, end)
+        if nxt < 0:
+            parts.append((part_start, end))
+            break
+        part_end = nxt - 1 if nxt > part_start and raw[nxt - 1] == 0x0D else nxt
+        parts.append((part_start, max(part_start, part_end)))
+        pos = nxt + 1
+    return parts
+
+
+class _Analyzer:
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.texts: list[str] = []
+        self.text_len = 0
+        self.parts = 0
+
+    def add_text(self, text: str) -> None:
+        if self.text_len < MAX_TEXT and text:
+            text = text[: MAX_TEXT - self.text_len]
+            self.texts.append(text)
+            self.text_len += len(text)
+
+    def node(self, start: int, end: int, default_type: str, depth: int) -> dict[str, Any]:
+        """Analyse the entity in ``raw[start:end]`` (MIME header + body)."""
+        raw = self.raw
+        self.parts += 1
+        body_start = _header_end(raw, start, end)
+        fields = parse_fields(raw[start:body_start])
+        first: dict[str, str] = {}
+        for name, value in fields:
+            first.setdefault(name, value)
+        ctype, params = parse_params(first.get("content-type", ""))
+        if "/" in ctype:
+            t, _, s = ctype.partition("/")
+            t, s = t.strip().lower(), s.strip().lower()
+        else:
+            t, s = "", ""
+        if not t or not s:
+            t, _, s = default_type.partition("/")
+            if not first.get("content-type") or not params:
+                params = [["charset", "us-ascii"]] if t == "text" else []
+        disp_raw = first.get("content-disposition")
+        disp: list[Any] | None = None
+        if disp_raw:
+            dtype, dparams = parse_params(disp_raw)
+            disp = [dtype, dparams]
+        lang = first.get("content-language")
+        node: dict[str, Any] = {
+            "t": t,
+            "s": s,
+            "p": params,
+            "id": first.get("content-id"),
+            "d": first.get("content-description"),
+            "e": (first.get("content-transfer-encoding") or "7BIT").strip().upper(),
+            "md5": first.get("content-md5"),
+            "disp": disp,
+            "lang": [x.strip() for x in lang.split(",") if x.strip()] if lang else None,
+            "loc": first.get("content-location"),
+            "o": start,
+            "h": body_start - start,
+            "b": end - body_start,
+        }
+        if t == "multipart" and depth < MAX_DEPTH and self.parts < MAX_PARTS:
+            boundary = param(params, "boundary")
+            children: list[dict[str, Any]] = []
+            if boundary:
+                child_default = "message/rfc822" if s == "digest" else "text/plain"
+                for ps, pe in _split_multipart(raw, body_start, end, boundary):
+                    if self.parts >= MAX_PARTS:
+                        break
+                    children.append(self.node(ps, pe, child_default, depth + 1))
+            node["c"] = children
+        elif t == "message" and s in ("rfc822", "global") and depth < MAX_DEPTH:
+            inner = self.node(body_start, end, "text/plain", depth + 1)
+            inner_fields = parse_fields(raw[body_start : body_start + inner["h"]])
+            self.add_text(" ".join(decode_words(v) for _, v in inner_fields))
+            node["m"] = {"env": envelope(inner_fields), "n": inner}
+            node["l"] = _count_lines(raw, body_start, end)
+        elif t == "text":
+            node["l"] = _count_lines(raw, body_start, end)
+            self.add_text(self.decoded_text(body_start, end, node["e"], param(params, "charset"), s))
+        return node
+
+    def decoded_text(self, start: int, end: int, cte: str, charset: str | None, subtype: str) -> str:
+        if self.text_len >= MAX_TEXT:
+            return ""
+        data = self.raw[start : min(end, start + 4 * MAX_TEXT)]
+        try:
+            if cte == "BASE64":
+                data = base64.b64decode(b"".join(data.split()), validate=False)
+            elif cte == "QUOTED-PRINTABLE":
+                data = binascii.a2b_qp(data)
+        except (binascii.Error, ValueError):
+            pass
+        try:
+            text = data.decode(charset or "utf-8", "replace")
+        except LookupError:
+            text = data.decode("utf-8", "replace")
+        if subtype == "html":
+            text = _TAGS.sub(" ", text)
+        return text
 
 
 def analyze(raw: bytes) -> dict[str, Any]:
-    end = raw.find(b"\r\n\r\n")
-    header_size = len(raw) if end < 0 else end + 4
+    """The stored structure of ``raw`` (see the module docstring for the keys)."""
+    an = _Analyzer(raw)
+    header_end = _header_end(raw, 0, len(raw))
+    fields = parse_fields(raw[:header_end])
+    decoded = [[name, decode_words(value)] for name, value in fields]
+    header_text = "\n".join(v for _, v in decoded)
+    an.add_text(header_text + "\n")
+    hlen = an.text_len
+    body = an.node(0, len(raw), "text/plain", 0)
+    first_date = next((v for n, v in fields if n == "date"), None)
     return {
         "v": STRUCTURE_VERSION,
-        "header_size": header_size,
-        "lines": raw.count(b"\n"),
-        "text": raw.decode("utf-8", "replace"),
+        "header_size": header_end,
+        "lines": _count_lines(raw, 0, len(raw)),
+        "text": "".join(an.texts),
+        "text_hlen": hlen,
+        "env": envelope(fields),
+        "date": parse_date(first_date),
+        "fields": decoded,
+        "body": body,
     }

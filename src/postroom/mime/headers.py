@@ -1,0 +1,257 @@
+"""Header-level parsing for the parse-once structure: fields, parameters, addresses, encoded words.
+
+Pure functions over ``str``/``bytes``; no I/O. Header values are kept *raw* (undecoded) where IMAP wants
+them raw (ENVELOPE, BODYSTRUCTURE parameters, RFC 3501 §7.4.2) and decoded only for searchable text.
+
+Invariants: every function tolerates malformed input (it returns its best reading, never raises), because
+the input is whatever arrived over SMTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from email.utils import mktime_tz, parsedate_tz
+from typing import Any
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
+_EW_GAP = re.compile(r"(\?=)\s+(=\?)")
+
+Address = list[str | None]  # [name, adl, mailbox, host] (RFC 3501 §7.4.2 "address")
+
+
+def parse_fields(block: bytes) -> list[tuple[str, str]]:
+    """``(lower-cased name, unfolded raw value)`` per header field, in order. Lines without a colon
+    are skipped (they are not fields)."""
+    text = block.decode("utf-8", "replace")
+    text = _FOLD.sub("", text)
+    fields: list[tuple[str, str]] = []
+    for line in text.split("\n"):
+        colon = line.find(":")
+        if colon <= 0:
+            continue
+        name = line[:colon].strip().lower()
+        if not name or " " in name:
+            continue
+        fields.append((name, line[colon + 1 :].strip(" \t\r")))
+    return fields
+
+
+def _split_params(value: str) -> list[str]:
+    """Split on ``;`` outside double quotes."""
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    escaped = False
+    for ch in value:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            cur.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch == ";" and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+def parse_params(value: str) -> tuple[str, list[list[str]]]:
+    """``"text/plain; charset=utf-8"`` → ``("text/plain", [["charset", "utf-8"]])``. Names keep their case
+    as sent; duplicates keep the first."""
+    pieces = _split_params(value)
+    head = pieces[0].strip()
+    params: list[list[str]] = []
+    seen: set[str] = set()
+    for piece in pieces[1:]:
+        eq = piece.find("=")
+        if eq <= 0:
+            continue
+        name = piece[:eq].strip()
+        if not name or name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        params.append([name, _unquote(piece[eq + 1 :])])
+    return head, params
+
+
+def param(params: list[list[str]], name: str) -> str | None:
+    low = name.lower()
+    for key, val in params:
+        if key.lower() == low:
+            return val
+    return None
+
+
+def decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words (for searchable text only; envelopes stay raw)."""
+    if "=?" not in value:
+        return value
+    value = _EW_GAP.sub(r"\1\2", value)
+
+    def one(m: re.Match[str]) -> str:
+        charset, enc, data = m.group(1), m.group(2).upper(), m.group(3)
+        charset = charset.split("*", 1)[0]
+        try:
+            if enc == "B":
+                raw = base64.b64decode(data + "=" * (-len(data) % 4))
+            else:
+                raw = binascii.a2b_qp(data.encode("ascii", "replace"), header=True)
+            return raw.decode(charset, "replace")
+        except (LookupError, binascii.Error, ValueError):
+            return m.group(0)
+
+    return _ENCODED_WORD.sub(one, value)
+
+
+def parse_date(value: str | None) -> float | None:
+    """Seconds since the epoch of a Date: value, or None when it does not parse."""
+    if not value:
+        return None
+    try:
+        parsed = parsedate_tz(value)
+        if parsed is None:
+            return None
+        return float(mktime_tz(parsed))
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+
+
+def _tokens(value: str) -> list[str]:
+    """Tokenise an address list: quoted strings, ``<...>`` routes, specials ``,:;``, and words;
+    comments are dropped (RFC 5322 §3.2.2)."""
+    out: list[str] = []
+    i, n = 0, len(value)
+    while i < n:
+        ch = value[i]
+        if ch in " \t\r\n":
+            i += 1
+        elif ch == "(":
+            depth = 0
+            while i < n:
+                c = value[i]
+                if c == "\\":
+                    i += 1
+                elif c == "(":
+                    depth += 1
+                elif c == ")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            i += 1
+        elif ch == '"':
+            j = i + 1
+            while j < n and value[j] != '"':
+                j += 2 if value[j] == "\\" else 1
+            out.append(value[i : j + 1])
+            i = j + 1
+        elif ch == "<":
+            j = value.find(">", i)
+            j = n - 1 if j < 0 else j
+            out.append(value[i : j + 1])
+            i = j + 1
+        elif ch in ",:;":
+            out.append(ch)
+            i += 1
+        else:
+            j = i
+            while j < n and value[j] not in ' \t\r\n(",:;<':
+                j += 1
+            out.append(value[i:j])
+            i = j
+    return out
+
+
+def _mailbox(tokens: list[str]) -> Address | None:
+    route = next((t for t in tokens if t.startswith("<")), None)
+    if route is not None:
+        name_toks = tokens[: tokens.index(route)]
+        spec = route[1:].rstrip(">").strip()
+        name = " ".join(_unquote(t) if t.startswith('"') else t for t in name_toks) or None
+        adl = None
+        if spec.startswith("@") and ":" in spec:
+            adl, spec = spec.split(":", 1)
+    else:
+        spec = "".join(tokens)
+        name = None
+        adl = None
+    if not spec and name is None:
+        return None
+    local, at, host = spec.rpartition("@")
+    if not at:
+        local, host = spec, ""
+    return [name, adl, _unquote(local) if local.startswith('"') else local, host or None]
+
+
+def parse_addresses(value: str | None) -> list[Address] | None:
+    """An address-list header as ENVELOPE addresses; groups become the RFC 3501 start/end markers."""
+    if value is None:
+        return None
+    tokens = _tokens(value)
+    out: list[Address] = []
+    cur: list[str] = []
+    group_open = False
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == ":" and not group_open and not any(t.startswith("<") for t in cur):
+            name = " ".join(_unquote(t) if t.startswith('"') else t for t in cur)
+            out.append([None, None, name, None])
+            group_open = True
+            cur = []
+        elif tok in (",", ";"):
+            addr = _mailbox(cur) if cur else None
+            if addr is not None:
+                out.append(addr)
+            cur = []
+            if tok == ";" and group_open:
+                out.append([None, None, None, None])
+                group_open = False
+        else:
+            cur.append(tok)
+        i += 1
+    if cur:
+        addr = _mailbox(cur)
+        if addr is not None:
+            out.append(addr)
+    if group_open:
+        out.append([None, None, None, None])
+    return out or None
+
+
+def envelope(fields: list[tuple[str, str]]) -> list[Any]:
+    """RFC 3501 §7.4.2 ENVELOPE fields as a JSON-able list (strings raw, addresses parsed)."""
+    first: dict[str, str] = {}
+    for name, value in fields:
+        first.setdefault(name, value)
+    frm = parse_addresses(first.get("from"))
+    sender = parse_addresses(first.get("sender")) or frm  # RFC 3501: default to From
+    reply_to = parse_addresses(first.get("reply-to")) or frm
+    return [
+        first.get("date"),
+        first.get("subject"),
+        frm,
+        sender,
+        reply_to,
+        parse_addresses(first.get("to")),
+        parse_addresses(first.get("cc")),
+        parse_addresses(first.get("bcc")),
+        first.get("in-reply-to"),
+        first.get("message-id"),
+    ]

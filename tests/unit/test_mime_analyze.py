@@ -1,0 +1,121 @@
+"""The parse-once structure: offsets, envelope, body structure and searchable text."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.mime import STRUCTURE_VERSION, analyze
+from postroom.mime.headers import decode_words, parse_addresses
+
+MULTI = (
+    b'From: "Joe Q." <joe@example.com>\r\n'
+    b"To: a@b.c, Group: x@y.z, w@v.u;\r\n"
+    b"Subject: =?utf-8?q?h=C3=A9llo?= world\r\n"
+    b"Date: Mon, 7 Feb 1994 21:52:25 -0800\r\n"
+    b"Message-ID: <1@x>\r\n"
+    b'Content-Type: multipart/mixed; boundary="XX"\r\n'
+    b"\r\n"
+    b"preamble\r\n"
+    b"--XX\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"hello there\r\nline2\r\n"
+    b"--XX\r\n"
+    b"Content-Type: message/rfc822\r\n"
+    b"\r\n"
+    b"Subject: inner\r\n"
+    b"\r\n"
+    b"inner body\r\n"
+    b"--XX\r\n"
+    b"Content-Type: text/html\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"PGI+c2VjcmV0d29yZDwvYj4=\r\n"
+    b"--XX--\r\n"
+)
+
+
+def body_of(raw: bytes, node: dict[str, object]) -> bytes:
+    o, h, b = int(node["o"]), int(node["h"]), int(node["b"])  # type: ignore[call-overload]
+    return raw[o + h : o + h + b]
+
+
+def test_offsets_point_at_each_part() -> None:
+    s = analyze(MULTI)
+    assert s["v"] == STRUCTURE_VERSION
+    assert MULTI[: s["header_size"]].endswith(b"\r\n\r\n")
+    root = s["body"]
+    assert (root["t"], root["s"]) == ("multipart", "mixed")
+    kids = root["c"]
+    assert len(kids) == 3
+    assert body_of(MULTI, kids[0]) == b"hello there\r\nline2"
+    assert kids[0]["l"] == 2
+    mime_header = MULTI[kids[0]["o"] : kids[0]["o"] + kids[0]["h"]]
+    assert mime_header == b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+    inner = kids[1]["m"]["n"]
+    assert body_of(MULTI, inner) == b"inner body"
+    assert kids[1]["m"]["env"][1] == "inner"
+    assert kids[2]["e"] == "BASE64"
+
+
+def test_envelope_keeps_raw_values_and_groups() -> None:
+    env = analyze(MULTI)["env"]
+    assert env[1] == "=?utf-8?q?h=C3=A9llo?= world"  # ENVELOPE is raw (RFC 3501 §7.4.2)
+    assert env[2] == [["Joe Q.", None, "joe", "example.com"]]
+    assert env[3] == env[2] and env[4] == env[2]  # Sender and Reply-To default to From
+    assert env[5] == [
+        [None, None, "a", "b.c"],
+        [None, None, "Group", None],
+        [None, None, "x", "y.z"],
+        [None, None, "w", "v.u"],
+        [None, None, None, None],
+    ]
+    assert env[9] == "<1@x>"
+
+
+def test_searchable_text_is_decoded() -> None:
+    s = analyze(MULTI)
+    assert "héllo" in s["text"][: s["text_hlen"]]
+    assert "secretword" in s["text"][s["text_hlen"] :]
+    assert "inner body" in s["text"]
+    assert dict((k, v) for k, v in s["fields"])["subject"] == "héllo world"
+    assert s["date"] == 760686745.0
+
+
+def test_plain_message_defaults() -> None:
+    raw = b"Subject: x\r\n\r\nbody\r\n"
+    s = analyze(raw)
+    b = s["body"]
+    assert (b["t"], b["s"], b["p"]) == ("text", "plain", [["charset", "us-ascii"]])
+    assert body_of(raw, b) == b"body\r\n"
+    assert b["l"] == 1
+
+
+def test_helpers() -> None:
+    assert decode_words("=?iso-8859-1?b?aOk=?= =?utf-8?q?_x?=") == "hé x"
+    assert parse_addresses("<@route:a@b>") == [[None, "@route", "a", "b"]]
+    assert parse_addresses("undisclosed-recipients:;") == [
+        [None, None, "undisclosed-recipients", None],
+        [None, None, None, None],
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_analyze_is_total(raw: bytes) -> None:
+    s = analyze(raw)
+    assert s["body"]["o"] == 0
+    assert 0 <= s["header_size"] <= len(raw)
+
+
+FRAGMENTS = [b"--B\r\n", b"--B--\r\n", b"x\r\n", b"\r\n", b"Content-Type: text/plain\r\n"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(FRAGMENTS)))
+def test_multipart_fragments_stay_in_bounds(chunks: list[bytes]) -> None:
+    raw = b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + b"".join(chunks)
+    s = analyze(raw)
+    for kid in s["body"].get("c", []):
+        assert kid["o"] >= 0 and kid["o"] + kid["h"] + kid["b"] <= len(raw)
