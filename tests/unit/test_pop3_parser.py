@@ -1,0 +1,115 @@
+"""POP3 line framing and command parsing, without an event loop (Hypothesis: split anywhere, same items)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postroom.pop3.framing import dotstuff, top, unstuff
+from postroom.pop3.parser import BadLine, Command, LineBuffer, parse_line
+
+
+def lines_of(chunks: list[bytes], max_line: int = 255) -> list[bytes | BadLine]:
+    buf = LineBuffer(max_line)
+    out: list[bytes | BadLine] = []
+    for chunk in chunks:
+        buf.feed(chunk)
+        while (item := buf.next_line()) is not None:
+            out.append(item)
+    return out
+
+
+def test_parse_verbs_case_insensitive_and_args() -> None:
+    assert parse_line(b"retr 1\r") == Command("RETR", ("1",), "1")
+    assert parse_line(b"TOP  2   10") == Command("TOP", ("2", "10"), " 2   10")
+    assert parse_line(b"PASS secret with spaces ") == Command(
+        "PASS", ("secret", "with", "spaces"), "secret with spaces "
+    )
+    assert parse_line(b"QUIT") == Command("QUIT", (), "")
+
+
+def test_parse_bad_lines() -> None:
+    assert isinstance(parse_line(b""), BadLine)
+    assert isinstance(parse_line(b"   \r"), BadLine)
+    assert isinstance(parse_line(b"R\xc3\xa9TR 1"), BadLine)
+    assert isinstance(parse_line(b"RETR1 1"), BadLine)
+    assert isinstance(parse_line(b"AVERYLONGVERB"), BadLine)
+
+
+def test_line_limit_is_255_including_crlf() -> None:
+    ok = b"X" * 253 + b"\r\n"  # 255 octets with CRLF: allowed (RFC 2449 §4)
+    long = b"X" * 254 + b"\r\n"  # 256: too long
+    assert lines_of([ok]) == [b"X" * 253 + b"\r"]
+    assert lines_of([long, b"NOOP\r\n"]) == [BadLine("line too long"), b"NOOP\r"]
+
+
+def test_overlong_line_is_not_buffered() -> None:
+    buf = LineBuffer(255)
+    for _ in range(1000):
+        buf.feed(b"A" * 1000)
+        assert buf.next_line() is None
+        assert buf.buffered <= 1000
+    buf.feed(b"\r\nSTAT\r\n")
+    assert buf.next_line() == BadLine("line too long")
+    assert buf.next_line() == b"STAT\r"
+
+
+def test_clear_drops_pipelined_input() -> None:
+    buf = LineBuffer()
+    buf.feed(b"STLS\r\nCAPA\r\n")
+    assert buf.next_line() == b"STLS\r"
+    buf.clear()
+    assert buf.next_line() is None
+
+
+_line = st.one_of(
+    st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")),
+    st.sampled_from([b"USER a", b"PASS b c", b"RETR 1", b"", b".", b"X" * 254]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_line, max_size=12), st.data())
+def test_split_anywhere_gives_same_items(lines: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(line + b"\r\n" for line in lines)
+    whole = lines_of([stream])
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert lines_of(chunks) == whole
+    assert lines_of([bytes([b]) for b in stream]) == whole
+    assert len(whole) == len(lines)
+    for item, line in zip(whole, lines, strict=True):
+        if len(line) + 2 > 255:
+            assert item == BadLine("line too long")
+        else:
+            assert item == line + b"\r"
+            parsed = parse_line(item)
+            assert isinstance(parsed, Command | BadLine)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30))
+def test_dotstuff_round_trip(lines: list[bytes]) -> None:
+    raw = b"".join(line + b"\r\n" for line in lines)
+    stuffed = dotstuff(raw)
+    assert b"\r\n.\r\n" not in b"\r\n" + stuffed  # no premature terminator on any line
+    for line in stuffed.split(b"\r\n")[:-1]:
+        assert not line.startswith(b".") or line.startswith(b"..")
+    assert unstuff(stuffed) == raw
+
+
+def test_dotstuff_edges() -> None:
+    assert dotstuff(b"") == b""
+    assert dotstuff(b".\r\n") == b"..\r\n"
+    assert dotstuff(b"a\r\n.b") == b"a\r\n..b\r\n"
+    assert dotstuff(b"a\n.\n") == b"a\n..\r\n"  # a bare-LF line starting with "." is stuffed too
+
+
+def test_top() -> None:
+    raw = b"Subject: x\r\nFrom: y\r\n\r\nl1\r\nl2\r\nl3\r\n"
+    assert top(raw, 0) == b"Subject: x\r\nFrom: y\r\n\r\n"
+    assert top(raw, 2) == b"Subject: x\r\nFrom: y\r\n\r\nl1\r\nl2\r\n"
+    assert top(raw, 99) == raw
+    assert top(b"Subject: only header\r\n", 5) == b"Subject: only header\r\n"
+    assert top(b"\r\nbody\r\n", 0) == b"\r\n"
+    assert top(b"H: 1\r\n\r\nno newline at end", 3) == b"H: 1\r\n\r\nno newline at end"
