@@ -42,7 +42,9 @@ class Throttle:
         if now - last > self.config.throttle_window:
             del self._failures[ip]
             return 0.0
-        return min(self.config.throttle_base_delay * (2 ** (count - 1)), self.config.throttle_max_delay)
+        return float(
+            min(self.config.throttle_base_delay * (2 ** (count - 1)), self.config.throttle_max_delay)
+        )
 
     def failed(self, ip: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

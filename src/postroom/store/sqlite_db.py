@@ -1,0 +1,255 @@
+"""SQLite plumbing for the embedded store: schema, connections, and the group-commit writer.
+
+Invariants:
+- The database runs in WAL mode with ``synchronous=FULL``: a COMMIT returns only after the WAL is fsynced.
+- All writes go through one :class:`GroupCommitWriter` thread per process. It takes every job queued
+  while the previous commit was running, runs each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE``
+  transaction and commits once: one fsync for the whole batch (group commit). A failing job rolls back
+  only its savepoint and fails only its own caller.
+- A job's future is resolved only after COMMIT returned, so "returned" means "durable".
+- Readers use their own connections (one per reader thread); WAL lets them run beside the writer.
+- Between processes, SQLite's lock serialises writers; ``busy_timeout`` makes them wait, not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postroom.errors import StoreError, StoreFullError
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
+MAX_BATCH = 256  # jobs per group commit; bounds one transaction's duration
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS domains(name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accounts(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    address TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS aliases(alias TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL,
+    highestmodseq INTEGER NOT NULL,
+    special_use TEXT,
+    subscribed INTEGER NOT NULL DEFAULT 1,
+    UNIQUE(account_id, name));
+CREATE TABLE IF NOT EXISTS blobs(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    size INTEGER NOT NULL,
+    data BLOB,
+    path TEXT,
+    structure TEXT NOT NULL,
+    refs INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages(
+    mailbox_id INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    blob_id INTEGER NOT NULL,
+    flags TEXT NOT NULL,
+    modseq INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    internaldate REAL NOT NULL,
+    PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages(mailbox_id, modseq);
+CREATE TABLE IF NOT EXISTS expunged(
+    mailbox_id INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fts_pending(blob_id INTEGER PRIMARY KEY);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(headers, body, content='', tokenize='trigram');
+CREATE TABLE IF NOT EXISTS queue_messages(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    blob_id INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    ret TEXT NOT NULL DEFAULT '',
+    envid TEXT NOT NULL DEFAULT '',
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    eight_bit INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS queue(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id INTEGER NOT NULL REFERENCES queue_messages(id),
+    recipient TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    notify TEXT NOT NULL DEFAULT '',
+    orcpt TEXT NOT NULL DEFAULT '',
+    claimed_until REAL NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS queue_due ON queue(status, next_attempt);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (we issue BEGIN/COMMIT ourselves), WAL, synchronous=FULL."""
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache per connection
+    return conn
+
+
+def init_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('last_uidvalidity', 0)")
+    conn.execute("COMMIT")
+
+
+@dataclass
+class Touched:
+    """What a write job changed, for the change feed (collected per job, announced after COMMIT)."""
+
+    mailboxes: set[int] = field(default_factory=set)
+    accounts: set[int] = field(default_factory=set)
+    unlink: list[str] = field(default_factory=list)  # blob files to remove after COMMIT
+
+
+WriteFn = Callable[[sqlite3.Connection, Touched], Any]
+
+
+@dataclass
+class _Job:
+    fn: WriteFn
+    future: Future[Any]
+    prepare: Callable[[], None] | None = None
+
+
+class GroupCommitWriter:
+    """The one writer thread. ``submit(fn)`` → awaitable result, durable when it resolves."""
+
+    def __init__(self, path: Path, on_commit: Callable[[Touched], None]) -> None:
+        self._path = path
+        self._on_commit = on_commit
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
+        self._conn: sqlite3.Connection | None = None
+        self.commits = 0  # statistics: transactions committed
+        self.jobs_done = 0
+
+    def start(self) -> None:
+        self._conn = connect(self._path)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def submit(self, fn: WriteFn, prepare: Callable[[], None] | None = None) -> Any:
+        fut: Future[Any] = Future()
+        self._jobs.put(_Job(fn, fut, prepare))
+        return await asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        assert conn is not None
+        for job in batch:  # CPU work (e.g. parsing) before the write lock is taken
+            if job.prepare is not None:
+                try:
+                    job.prepare()
+                except Exception as exc:
+                    job.future.set_exception(exc)
+        live = [j for j in batch if not j.future.done()]
+        if not live:
+            return
+        results: list[tuple[_Job, Any, BaseException | None, Touched]] = []
+        touched_all = Touched()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for i, job in enumerate(live):
+                touched = Touched()
+                conn.execute(f"SAVEPOINT j{i}")
+                try:
+                    res = job.fn(conn, touched)
+                except Exception as job_exc:
+                    conn.execute(f"ROLLBACK TO j{i}")
+                    conn.execute(f"RELEASE j{i}")
+                    results.append((job, None, job_exc, touched))
+                    continue
+                conn.execute(f"RELEASE j{i}")
+                results.append((job, res, None, touched))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            err: Exception = _translate(exc)
+            log.error("store commit failed: %s", exc)
+            for job in live:
+                job.future.set_exception(err)
+            return
+        self.commits += 1
+        self.jobs_done += len(live)
+        for _job, _res, failure, touched in results:
+            if failure is None:
+                touched_all.mailboxes |= touched.mailboxes
+                touched_all.accounts |= touched.accounts
+                touched_all.unlink.extend(touched.unlink)
+        # Durable now: answer the callers, then announce.
+        for job, res, failure, _ in results:
+            if failure is not None:
+                job.future.set_exception(failure)
+            else:
+                job.future.set_result(res)
+        try:
+            self._on_commit(touched_all)
+        except Exception:  # pragma: no cover - announcing must never kill the writer
+            log.exception("change announcement failed")
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    text = str(exc).lower()
+    if "full" in text or "disk i/o" in text:
+        return StoreFullError(f"store is full: {exc}")
+    return StoreError(f"store write failed: {exc}")
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,298 @@
+"""The store contract: every backend must pass these (parametrised by ``store_url``).
+
+Covers UID/MODSEQ monotonicity (also across restarts), concurrency (two writers and a reader), the
+change feed (in this process and from another process), flags/expunge/copy/move semantics, the queue, and
+durability across ``kill -9`` of a writer process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from postroom.errors import AlreadyExistsError, NotFoundError
+from postroom.store.api import AppendTarget, OutboundEnvelope, OutboundRecipient, Store
+from postroom.store.sqlite import INLINE_MAX, open_store
+
+MSG = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: contract\r\n\r\nhello contract world\r\n"
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    assert request.param == "sqlite"
+    return f"sqlite:///{tmp_path / 'store'}"
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    s = open_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def _inbox(store: Store, address: str = "alice@example.test") -> int:
+    acct = await store.get_account(address) or await store.create_account(address, "x")
+    mb = await store.get_mailbox(acct.id, "INBOX")
+    assert mb is not None
+    return mb.id
+
+
+async def test_accounts_and_default_mailboxes(store: Store) -> None:
+    acct = await store.create_account("Alice@Example.test", "hash")
+    assert acct.address == "alice@example.test"
+    names = {m.name: m.special_use for m in await store.list_mailboxes(acct.id)}
+    assert names == {
+        "INBOX": None,
+        "Sent": "\\Sent",
+        "Drafts": "\\Drafts",
+        "Trash": "\\Trash",
+        "Junk": "\\Junk",
+        "Archive": "\\Archive",
+    }
+    with pytest.raises(AlreadyExistsError):
+        await store.create_account("alice@example.test", "hash")
+    assert (await store.get_mailbox(acct.id, "inbox")) is not None
+    await store.add_alias("sales@example.test", "alice@example.test")
+    resolved = await store.resolve("SALES@example.test")
+    assert resolved is not None and resolved.id == acct.id
+    assert await store.resolve("nobody@example.test") is None
+    await store.delete_account("alice@example.test")
+    assert await store.get_account("alice@example.test") is None
+    with pytest.raises(NotFoundError):
+        await store.delete_account("alice@example.test")
+
+
+async def test_uids_and_modseq_grow(store: Store) -> None:
+    mb = await _inbox(store)
+    results = await asyncio.gather(*[store.append(MSG, [AppendTarget(mb)]) for _ in range(50)])
+    uids = [r[0][1] for r in results]
+    assert sorted(uids) == list(range(1, 51))
+    metas = await store.messages(mb)
+    assert [m.uid for m in metas] == list(range(1, 51))
+    modseqs = [m.modseq for m in metas]
+    assert len(set(modseqs)) == 50
+    before = (await store.status(mb)).highestmodseq
+    changed, failed = await store.set_flags(mb, [1, 2], "add", ["\\Seen"])
+    assert [m.uid for m in changed] == [1, 2] and not failed
+    assert all(m.modseq > before for m in changed)
+    # Unchanged flags: no new MODSEQ.
+    again, _ = await store.set_flags(mb, [1], "add", ["\\Seen"])
+    assert again == []
+    # CONDSTORE: UNCHANGEDSINCE below the message's MODSEQ fails that message.
+    _, failed = await store.set_flags(mb, [1], "remove", ["\\Seen"], unchanged_since=before)
+    assert failed == [1]
+
+
+async def test_uid_monotonic_across_restart(store_url: str) -> None:
+    s = open_store(store_url)
+    await s.open()
+    mb = await _inbox(s)
+    for _ in range(3):
+        await s.append(MSG, [AppendTarget(mb)])
+    await s.set_flags(mb, [3], "add", ["\\Deleted"])
+    assert await s.expunge(mb) == [3]
+    status = await s.status(mb)
+    await s.close()
+    s2 = open_store(store_url)
+    await s2.open()
+    try:
+        ((_, uid),) = await s2.append(MSG, [AppendTarget(mb)])
+        assert uid == 4  # never reuses the expunged UID 3
+        assert (await s2.status(mb)).uidvalidity == status.uidvalidity
+        assert (await s2.status(mb)).highestmodseq > status.highestmodseq
+    finally:
+        await s2.close()
+
+
+async def test_two_writers_one_reader(store: Store) -> None:
+    a = await _inbox(store, "a@example.test")
+    b = await _inbox(store, "b@example.test")
+    seen_counts: list[int] = []
+
+    async def writer(mb: int) -> None:
+        for _ in range(100):
+            await store.append(MSG, [AppendTarget(mb)])
+
+    async def reader() -> None:
+        for _ in range(50):
+            seen_counts.append(len(await store.messages(a)))
+            await asyncio.sleep(0)
+
+    await asyncio.gather(writer(a), writer(b), reader())
+    assert seen_counts == sorted(seen_counts)  # a reader never sees the count go back
+    assert len(await store.messages(a)) == 100
+    assert len(await store.messages(b)) == 100
+
+
+async def test_shared_copy_and_flags_expunge_copy_move(store: Store) -> None:
+    a = await _inbox(store, "a@example.test")
+    b = await _inbox(store, "b@example.test")
+    res = await store.append(MSG, [AppendTarget(a, frozenset({"\\Flagged"})), AppendTarget(b)])
+    assert [r[1] for r in res] == [1, 1]
+    ma, mb_ = (await store.messages(a))[0], (await store.messages(b))[0]
+    assert ma.blob_id == mb_.blob_id  # one stored copy for all local recipients
+    assert ma.flags == {"\\Flagged"} and mb_.flags == frozenset()
+    assert await store.read(ma.blob_id) == MSG
+    assert await store.read_range(ma.blob_id, 6, 14) == b"a@example.test"
+    acct = await store.get_account("a@example.test")
+    assert acct is not None
+    archive = await store.get_mailbox(acct.id, "Archive")
+    assert archive is not None
+    assert await store.copy(a, [1], archive.id) == [(1, 1)]
+    assert await store.move(archive.id, [1], a) == [(1, 2)]
+    assert await store.messages(archive.id) == []
+    changes = await store.changes_since(archive.id, 0)
+    assert changes.expunged == [1]
+    # Deleting the last reference removes the bytes.
+    await store.delete_messages(a, [1, 2])
+    await store.delete_messages(b, [1])
+    with pytest.raises(NotFoundError):
+        await store.read(ma.blob_id)
+
+
+async def test_large_message_goes_to_file(store: Store) -> None:
+    mb = await _inbox(store)
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (INLINE_MAX // 1000 + 10)
+    await store.append(big, [AppendTarget(mb)])
+    meta = (await store.messages(mb))[0]
+    assert meta.size == len(big)
+    assert await store.read(meta.blob_id) == big
+    assert await store.read_range(meta.blob_id, len(big) - 3, 100) == b"x\r\n"
+    assert await store.read_range(meta.blob_id, 0, 12) == b"Subject: big"
+
+
+async def test_change_feed_in_process(store: Store) -> None:
+    mb = await _inbox(store)
+    watch = store.watch(mb)
+    assert not watch.pending
+    await store.append(MSG, [AppendTarget(mb)])
+    await asyncio.wait_for(watch.wait(), 5)
+    changes = await store.changes_since(mb, 0)
+    assert [m.uid for m in changes.changed] == [1]
+    watch.clear()
+    base = changes.highestmodseq
+    await store.set_flags(mb, [1], "add", ["\\Seen"])
+    await asyncio.wait_for(watch.wait(), 5)
+    changes = await store.changes_since(mb, base)
+    assert [(m.uid, m.flags) for m in changes.changed] == [(1, frozenset({"\\Seen"}))]
+    watch.close()
+
+
+async def test_change_feed_across_processes(store: Store, store_url: str) -> None:
+    mb = await _inbox(store)
+    watch = store.watch(mb)
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from postroom.store.sqlite import open_store
+        from postroom.store.api import AppendTarget
+        async def main():
+            s = open_store({store_url!r}); await s.open()
+            await s.append({MSG!r}, [AppendTarget({mb})])
+            await s.close()
+        asyncio.run(main())
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+    assert await proc.wait() == 0
+    await asyncio.wait_for(watch.wait(), 5)
+    assert len(await store.messages(mb)) == 1
+
+
+async def test_search_text(store: Store) -> None:
+    mb = await _inbox(store)
+    await store.append(b"Subject: invoice 42\r\n\r\nplease pay the amount\r\n", [AppendTarget(mb)])
+    await store.append(b"Subject: hello\r\n\r\nnothing to see\r\n", [AppendTarget(mb)])
+    assert await store.search_text(mb, ["invoice"]) == {1}
+    assert await store.search_text(mb, ["PAY", "amount"]) == {1}
+    assert await store.search_text(mb, ["see"]) == {2}
+    assert await store.search_text(mb, ["zebra"]) == set()
+
+
+async def test_queue_roundtrip(store: Store) -> None:
+    mb = await _inbox(store)
+    env = OutboundEnvelope(
+        "alice@example.test",
+        (OutboundRecipient("bob@remote.test", notify="FAILURE"), OutboundRecipient("carol@other.test")),
+    )
+    await store.append(MSG, [AppendTarget(mb)], outbound=env)
+    watch = store.queue_watch()
+    due = await store.queue_due(now=10**10)
+    assert {e.recipient for e in due} == {"bob@remote.test", "carol@other.test"}
+    assert await store.queue_due(now=10**10) == []  # claimed
+    assert await store.read_queued(due[0].message_id) == MSG
+    await store.queue_update(due[0].id, "deferred", "451 try later", next_attempt=10**11)
+    await store.queue_update(due[1].id, "delivered", "250 ok")
+    assert await store.queue_retry() == 1
+    await asyncio.wait_for(watch.wait(), 5)
+    entries = {e.recipient: e for e in await store.queue_list()}
+    assert entries["bob@remote.test"].attempts == 1 and entries["bob@remote.test"].notify == "FAILURE"
+    assert await store.queue_delete([due[0].id]) == 1
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from postroom.store.sqlite import open_store
+    from postroom.store.api import AppendTarget
+    async def one(s, mb, i):
+        body = (b"Subject: m%d\\r\\n\\r\\n" % (ROUND + i)) + b"y" * 5000 + b"\\r\\n"
+        await s.append(body, [AppendTarget(mb)])
+        sys.stdout.write("%d\\n" % (ROUND + i)); sys.stdout.flush()
+    async def main(url, mb):
+        s = open_store(url); await s.open()
+        i = 0
+        while True:
+            await asyncio.gather(*[one(s, mb, i + k) for k in range(20)])
+            i += 20
+    ROUND = int(sys.argv[3])
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+@pytest.mark.slow
+async def test_kill9_loses_nothing_acknowledged(store_url: str, tmp_path: Path) -> None:
+    s = open_store(store_url)
+    await s.open()
+    mb = await _inbox(s)
+    await s.close()
+    acknowledged: set[int] = set()
+    for round_no in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, store_url, str(mb), str(round_no * 1_000_000)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for count, line in enumerate(proc.stdout, 1):
+            acknowledged.add(int(line))
+            if count >= 100 + round_no * 37:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    s = open_store(store_url)
+    await s.open()
+    try:
+        metas = await s.messages(mb)
+        subjects: set[int] = set()
+        for m in metas:
+            raw = await s.read(m.blob_id)
+            assert raw.endswith(b"y" * 5000 + b"\r\n"), "a stored message is truncated"
+            subjects.add(int(raw.split(b"\r\n", 1)[0].split(b"m", 1)[1]))
+        missing = acknowledged - subjects
+        assert not missing, f"acknowledged but lost: {sorted(missing)[:10]}"
+        assert [m.uid for m in metas] == sorted(m.uid for m in metas)
+    finally:
+        await s.close()
