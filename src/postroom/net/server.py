@@ -1,22 +1,120 @@
 """Listening sockets: each accepted connection becomes a :class:`Connection` served by its handler task.
 
 Invariants:
-- On an implicit-TLS listener the handshake completes before the handler sees a byte.
+- On an implicit-TLS listener the handshake completes before the handler sees a byte, and uses the
+  *current* ``App.tls`` (a SIGHUP reload reaches listeners that already exist, see ``net.tls.follow``).
 - Every handler runs in its own task, tracked in ``Listener.sessions`` so shutdown can drain them.
+- Connection limits (``[net] max_connections`` per worker over all listeners of one App,
+  ``max_connections_per_ip`` per listener) are checked when a connection is accepted; a connection over a
+  limit gets the service's "try later" line (:data:`REFUSALS`) and is closed without reaching the handler.
 - A handler's unexpected exception is logged with its traceback and the connection closed; CancelledError
   propagates.
+- Shutdown (:func:`shutdown`): stop accepting, set :func:`shutdown_event` so sessions can finish their
+  current command and say goodbye, wait up to ``grace`` seconds, then cancel the sessions still running.
+- A listening address that cannot be bound gives one :class:`ListenError` line naming service and address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from postroom.app import App, Handler, ListenerSpec
+from postroom.errors import PostroomError
+from postroom.log import new_connection_id
+from postroom.net import tls as tls_mod
 from postroom.net.connection import Connection
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 1024  # pending connections per listening socket (the kernel caps it at net.core.somaxconn)
+
+_SMTP_BUSY = "421 4.7.0 {host} Too many connections, try again later\r\n"  # RFC 5321 §3.8, RFC 3463
+_POP3_BUSY = "-ERR [SYS/TEMP] Too many connections, try again later\r\n"  # RFC 3206 §4
+_IMAP_BUSY = "* BYE Too many connections, try again later\r\n"  # RFC 9051 §7.1.5 (greeting may be BYE)
+
+#: What a connection over a limit is told before it is closed, per service.
+REFUSALS: dict[str, str] = {
+    "smtp": _SMTP_BUSY,
+    "submission": _SMTP_BUSY,
+    "submissions": _SMTP_BUSY,
+    "pop3": _POP3_BUSY,
+    "pop3s": _POP3_BUSY,
+    "imap": _IMAP_BUSY,
+    "imaps": _IMAP_BUSY,
+    "http": "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+class ListenError(PostroomError):
+    """A listening address could not be bound (in use, no permission, not on this machine)."""
+
+
+@dataclass(slots=True)
+class _Shared:
+    """Per-App state shared by all its listeners (kept in ``app.extras``)."""
+
+    connections: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _shared(app: App) -> _Shared:
+    state = app.extras.get("net.shared")
+    if not isinstance(state, _Shared):
+        state = _Shared()
+        app.extras["net.shared"] = state
+    return state
+
+
+def shutdown_event(app: App) -> asyncio.Event:
+    """Set when the server begins a graceful shutdown. Long-lived sessions (IMAP IDLE, a slow client)
+    should answer their current command and close: SMTP ``421``, IMAP ``* BYE``, POP3 ``-ERR``."""
+    return _shared(app).stopping
+
+
+def _describe(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_socket(service: str, host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A bound, not yet listening TCP socket for ``host:port``; ListenError (one clear line) on failure.
+
+    ``reuse_port`` sets SO_REUSEPORT so several worker processes can each listen on the same port and the
+    kernel spreads connections among them.
+    """
+    where = _describe(host, port)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {where} for {service}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {where} for {service}: {_why(exc)}") from None
+    return sock
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (is another server running?)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine"
+    return exc.strerror or str(exc)
 
 
 class Listener:
@@ -28,6 +126,8 @@ class Listener:
         self.handler = handler
         self.sessions: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.per_ip: dict[str, int] = {}
+        self.refused = 0  # connections turned away by a limit, for tests and metrics
 
     @property
     def port(self) -> int:
@@ -35,41 +135,109 @@ class Listener:
         return int(self.server.sockets[0].getsockname()[1])
 
     def _factory(self) -> Connection:
-        conn = _ServedConnection(self)
-        return conn
+        return _ServedConnection(self)
 
-    async def start(self, *, reuse_port: bool = False) -> None:
+    async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+        """Listen on ``spec.host:spec.port`` (or on ``sock``, already bound). Raises ListenError."""
         loop = asyncio.get_running_loop()
         ssl_ctx = self.app.tls if self.spec.tls == "implicit" else None
-        family = socket.AF_INET6 if ":" in self.spec.host else socket.AF_INET
-        self.server = await loop.create_server(
-            self._factory,
-            host=self.spec.host,
-            port=self.spec.port,
-            family=family,
-            ssl=ssl_ctx,
-            ssl_handshake_timeout=self.app.config.net.tls_handshake_timeout if ssl_ctx else None,
-            reuse_address=True,
-            reuse_port=reuse_port,
-            backlog=1024,
-        )
+        if ssl_ctx is not None:
+            tls_mod.follow(ssl_ctx, lambda: self.app.tls)
+        if sock is None:
+            sock = bind_socket(self.spec.service, self.spec.host, self.spec.port, reuse_port=reuse_port)
+        try:
+            self.server = await loop.create_server(
+                self._factory,
+                sock=sock,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=self.app.config.net.tls_handshake_timeout if ssl_ctx else None,
+                backlog=BACKLOG,
+            )
+        except OSError as exc:
+            sock.close()
+            where = _describe(self.spec.host, self.spec.port)
+            raise ListenError(f"cannot listen on {where} for {self.spec.service}: {_why(exc)}") from None
 
-    async def close(self) -> None:
+    def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting, give running sessions ``grace`` seconds, cancel the rest, and wait for them."""
+        await shutdown([self], grace)
+
+    # -- limits -----------------------------------------------------------------------------------
+    def _admit(self, ip: str) -> bool:
+        shared = _shared(self.app)
+        limits = self.app.config.net
+        if shared.connections >= limits.max_connections:
+            return False
+        if self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            return False
+        shared.connections += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return True
+
+    def _release(self, ip: str) -> None:
+        _shared(self.app).connections -= 1
+        left = self.per_ip.get(ip, 1) - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+
+
+async def shutdown(listeners: Iterable[Listener], grace: float) -> int:
+    """Graceful stop of ``listeners``: returns how many sessions had to be cancelled after ``grace``."""
+    listeners = list(listeners)
+    for listener in listeners:
+        listener.stop_accepting()
+        _shared(listener.app).stopping.set()
+    sessions = {task for listener in listeners for task in listener.sessions}
+    pending: set[asyncio.Task[None]] = set()
+    if sessions:
+        _, pending = await asyncio.wait(sessions, timeout=max(grace, 0.0))
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    for listener in listeners:
+        if listener.server is not None:
+            with contextlib.suppress(Exception):
+                await listener.server.wait_closed()
+    return len(pending)
 
 
 class _ServedConnection(Connection):
     def __init__(self, listener: Listener) -> None:
         super().__init__()
         self.listener = listener
+        self.conn_id = new_connection_id()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        listener = self.listener
+        ip = self.peer[0]
+        if not listener._admit(ip):
+            listener.refused += 1
+            log.warning(
+                "%s: refused connection %s from %s: too many connections",
+                listener.spec.service,
+                self.conn_id,
+                ip,
+            )
+            refusal = REFUSALS.get(listener.spec.service, "")
+            self.write(refusal.format(host=listener.app.hostname).encode())
+            self.close()
+            return
         task = asyncio.get_running_loop().create_task(self._run())
-        self.listener.sessions.add(task)
-        task.add_done_callback(self.listener.sessions.discard)
+        listener.sessions.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            listener.sessions.discard(t)
+            listener._release(ip)
+
+        task.add_done_callback(done)
 
     async def _run(self) -> None:
         try:
@@ -80,6 +248,8 @@ class _ServedConnection(Connection):
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
-            log.exception("%s session from %s failed", self.listener.spec.service, self.peer[0])
+            log.exception(
+                "%s session %s from %s failed", self.listener.spec.service, self.conn_id, self.peer[0]
+            )
         finally:
             self.close()
