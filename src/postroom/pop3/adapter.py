@@ -1,0 +1,160 @@
+"""The asyncio adapter of the POP3 server: runs a :class:`~postroom.pop3.core.Pop3Session` over a Connection.
+
+It only moves bytes and does what the core's events ask (check a password, lock and load the maildrop,
+read a message, remove messages at QUIT, start TLS). Protocol decisions all live in the core.
+
+Invariants:
+- The maildrop lock (:mod:`postroom.pop3.lock`) is released on every exit path (QUIT, EOF, idle timeout,
+  TLS failure, cancellation, our own bug): one ``try/finally`` around the whole session.
+- Messages are removed only when the core emits ``Update`` (QUIT in TRANSACTION). EOF, a timeout or an
+  error ends the session with nothing removed (RFC 1939 §6).
+- Replies are written in command order and flushed when the core needs more input or its output passes
+  :data:`FLUSH_AT`; ``drain`` bounds memory for slow readers.
+- After STLS the Connection and the core both discard buffered plaintext (RFC 2595 §3.1).
+- ``\\Seen`` is set on RETR only when ``[pop3] mark_seen_on_retr`` is on (the seed: no shared read state).
+- Per-IP and total connection limits are enforced by the listener (``postroom.net.server``) before this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from postroom.app import App, ListenerSpec
+from postroom.errors import NotFoundError, StoreError
+from postroom.log import connection_logger
+from postroom.net.connection import Connection
+from postroom.pop3.core import Pop3Session
+from postroom.pop3.events import (
+    Authenticate,
+    Close,
+    MaildropEntry,
+    NeedData,
+    Retrieve,
+    StartTls,
+    Update,
+)
+from postroom.pop3.lock import MaildropLock
+
+log = logging.getLogger(__name__)
+
+FLUSH_AT = 128 * 1024  # octets of pending replies after which the adapter writes before the next command
+READ_SIZE = 65536  # octets per read from the connection
+SEEN = ("\\Seen",)
+
+
+async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
+    """Serve one POP3 connection (``pop3``: plaintext + STLS; ``pop3s``: TLS already up)."""
+    cfg = app.config
+    clog = connection_logger(log, conn)
+    session = Pop3Session(
+        cfg.pop3,
+        hostname=cfg.hostname,
+        tls_active=conn.is_tls,
+        stls_available=spec.tls == "starttls",
+        plaintext_ok=cfg.auth.allow_plaintext_on_loopback and conn.is_loopback,
+    )
+    ip = conn.peer[0]
+    store = app.store
+    mark_seen = cfg.pop3.mark_seen_on_retr
+    timeout = cfg.pop3.idle_timeout
+    lock: MaildropLock | None = None
+    mailbox_id = 0
+    try:
+        while True:
+            event = session.next_event()
+            if type(event) is NeedData:
+                out = session.data_to_send()
+                if out:
+                    conn.write(out)
+                    await conn.drain()
+                try:
+                    data = await conn.read(READ_SIZE, timeout=timeout)
+                except TimeoutError:
+                    clog.info("idle timeout after %.0f s; nothing removed", timeout)  # RFC 1939 §3
+                    return
+                if not data:
+                    if session.username:
+                        clog.info("%s disconnected without QUIT; nothing removed", session.username)
+                    return
+                session.receive_data(data)
+            elif type(event) is Retrieve:
+                try:
+                    raw = await store.read(event.blob_id)
+                except NotFoundError:
+                    session.message_unavailable()
+                else:
+                    session.message(raw)
+                    if mark_seen and event.lines is None:
+                        await store.set_flags(mailbox_id, (event.uid,), "add", SEEN)
+                if session.pending_output >= FLUSH_AT:
+                    conn.write(session.data_to_send())
+                    await conn.drain()
+            elif type(event) is Authenticate:
+                lock, mailbox_id = await _login(session, event, app, ip, clog)
+            elif type(event) is Update:
+                ok = True
+                removed: list[int] = []
+                try:
+                    removed = await store.delete_messages(mailbox_id, event.uids)
+                except StoreError:
+                    clog.exception("removing %d messages failed", len(event.uids))
+                    ok = False
+                clog.info("%s QUIT: %d messages removed", session.username, len(removed))
+                session.update_result(len(removed), ok)
+                await _flush(conn, session)
+                return
+            elif type(event) is StartTls:
+                await _flush(conn, session)
+                try:
+                    await conn.start_tls(app.tls, timeout=cfg.net.tls_handshake_timeout)
+                except (OSError, TimeoutError, ConnectionError) as exc:
+                    clog.info("STLS handshake failed: %s", exc)
+                    session.tls_failed()
+                    return
+                session.tls_started()
+            else:
+                assert type(event) is Close
+                await _flush(conn, session)
+                return
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _flush(conn: Connection, session: Pop3Session) -> None:
+    out = session.data_to_send()
+    if out:
+        conn.write(out)
+        await conn.drain()
+
+
+async def _login(
+    session: Pop3Session, event: Authenticate, app: App, ip: str, clog: logging.LoggerAdapter[logging.Logger]
+) -> tuple[MaildropLock | None, int]:
+    """Check the credentials, lock and load the maildrop; tell the core the outcome."""
+    account = await app.auth.authenticate(event.username, event.password, ip)
+    if account is None or (event.authzid and event.authzid.strip().lower() != account.address):
+        session.login_failed()  # no proxy authorization: a foreign authzid fails like a bad password
+        return None, 0
+    lock = MaildropLock.acquire(app.config.data_path / "run", account.id)
+    if lock is None:
+        clog.info("%s: maildrop in use", account.address)
+        session.login_in_use()
+        return None, 0
+    try:
+        mailbox = await app.store.get_mailbox(account.id, "INBOX")
+        if mailbox is None:
+            raise NotFoundError(f"{account.address} has no INBOX")
+        metas = await app.store.messages(mailbox.id)
+    except StoreError:
+        lock.release()
+        clog.exception("%s: loading the maildrop failed", account.address)
+        session.login_unavailable()
+        return None, 0
+    except BaseException:
+        lock.release()
+        raise
+    drop = [MaildropEntry(m.uid, m.blob_id, m.size) for m in metas]
+    clog.info("%s logged in (%s), %d messages", account.address, event.mechanism, len(drop))
+    session.login_ok(account.address, drop, mailbox.uidvalidity)
+    return lock, mailbox.id
