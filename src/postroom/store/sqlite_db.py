@@ -14,13 +14,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,12 +138,17 @@ WriteFn = Callable[[sqlite3.Connection, Touched], Any]
 @dataclass
 class _Job:
     fn: WriteFn
-    future: Future[Any]
+    future: asyncio.Future[Any]
     prepare: Callable[[], None] | None = None
+    outcome: tuple[bool, Any] | None = None  # (ok, result or exception), set by the writer thread
 
 
 class GroupCommitWriter:
-    """The one writer thread. ``submit(fn)`` → awaitable result, durable when it resolves."""
+    """The one writer thread. ``submit(fn)`` → awaitable result, durable when it resolves.
+
+    A batch's callers are answered with one ``call_soon_threadsafe`` after its COMMIT, so the event
+    loop is woken once per commit, not once per job.
+    """
 
     def __init__(self, path: Path, on_commit: Callable[[Touched], None]) -> None:
         self._path = path
@@ -151,10 +156,12 @@ class GroupCommitWriter:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0  # statistics: transactions committed
         self.jobs_done = 0
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._conn = connect(self._path)
         self._thread.start()
 
@@ -166,9 +173,10 @@ class GroupCommitWriter:
             self._conn = None
 
     async def submit(self, fn: WriteFn, prepare: Callable[[], None] | None = None) -> Any:
-        fut: Future[Any] = Future()
+        assert self._loop is not None, "writer not started"
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._jobs.put(_Job(fn, fut, prepare))
-        return await asyncio.wrap_future(fut)
+        return await fut
 
     def _run(self) -> None:
         stop = False
@@ -187,6 +195,9 @@ class GroupCommitWriter:
                     break
                 batch.append(nxt)
             self._run_batch(batch)
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    self._loop.call_soon_threadsafe(_resolve, batch)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -196,12 +207,11 @@ class GroupCommitWriter:
                 try:
                     job.prepare()
                 except Exception as exc:
-                    job.future.set_exception(exc)
-        live = [j for j in batch if not j.future.done()]
+                    job.outcome = (False, exc)
+        live = [j for j in batch if j.outcome is None]
         if not live:
             return
-        results: list[tuple[_Job, Any, BaseException | None, Touched]] = []
-        touched_all = Touched()
+        touched_by: list[Touched] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for i, job in enumerate(live):
@@ -212,10 +222,11 @@ class GroupCommitWriter:
                 except Exception as job_exc:
                     conn.execute(f"ROLLBACK TO j{i}")
                     conn.execute(f"RELEASE j{i}")
-                    results.append((job, None, job_exc, touched))
+                    job.outcome = (False, job_exc)
                     continue
                 conn.execute(f"RELEASE j{i}")
-                results.append((job, res, None, touched))
+                job.outcome = (True, res)
+                touched_by.append(touched)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -223,25 +234,31 @@ class GroupCommitWriter:
             err: Exception = _translate(exc)
             log.error("store commit failed: %s", exc)
             for job in live:
-                job.future.set_exception(err)
+                job.outcome = (False, err)
             return
         self.commits += 1
         self.jobs_done += len(live)
-        for _job, _res, failure, touched in results:
-            if failure is None:
-                touched_all.mailboxes |= touched.mailboxes
-                touched_all.accounts |= touched.accounts
-                touched_all.unlink.extend(touched.unlink)
-        # Durable now: answer the callers, then announce.
-        for job, res, failure, _ in results:
-            if failure is not None:
-                job.future.set_exception(failure)
-            else:
-                job.future.set_result(res)
+        touched_all = Touched()
+        for touched in touched_by:
+            touched_all.mailboxes |= touched.mailboxes
+            touched_all.accounts |= touched.accounts
+            touched_all.unlink.extend(touched.unlink)
         try:
             self._on_commit(touched_all)
         except Exception:  # pragma: no cover - announcing must never kill the writer
             log.exception("change announcement failed")
+
+
+def _resolve(batch: list[_Job]) -> None:
+    """On the event loop, after COMMIT: answer every caller of the batch."""
+    for job in batch:
+        if job.future.done() or job.outcome is None:
+            continue
+        ok, value = job.outcome
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
