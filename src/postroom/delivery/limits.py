@@ -11,6 +11,12 @@ MAX_QUEUE_AGE = 5 * 24 * 3600.0  # seconds before a deferred recipient bounces, 
 DESTINATION_CONCURRENCY = 20  # connections per destination domain, like Postfix's default
 CONNECT_TIMEOUT = 30.0  # seconds
 COMMAND_TIMEOUT = 300.0  # seconds, RFC 5321 §4.5.3.2
+MAX_CONNECTIONS = 100  # outbound connections of one process, all destinations together
+MAX_RECIPIENTS_PER_TRANSACTION = 100  # RFC 5321 §4.5.3.1.8: servers must accept at least 100
+MESSAGES_PER_CONNECTION = 100  # transactions before a reused connection is closed (Postfix: 100)
+CONNECTION_IDLE = 5.0  # seconds an idle connection is kept for reuse (Postfix smtp_connection_cache_time_limit 2s)
+POLL_INTERVAL = 60.0  # seconds between looks at the queue when nothing woke the runner
+CLAIM_BATCH = 200  # queue entries claimed per look
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +34,13 @@ class DeliveryConfig:
     connect_timeout: float = CONNECT_TIMEOUT
     command_timeout: float = COMMAND_TIMEOUT
     dkim_selector: str = "postroom"
+    dkim: bool = True  # sign mail from local domains that have keys under data_dir/dkim
+    tls_ca_file: str = ""  # CA bundle for tls_policy = "verify" (default: the system's)
+    helo_name: str = ""  # EHLO name (default: hostname)
+    max_connections: int = MAX_CONNECTIONS
+    max_recipients: int = MAX_RECIPIENTS_PER_TRANSACTION
+    messages_per_connection: int = MESSAGES_PER_CONNECTION
+    connection_idle: float = CONNECTION_IDLE
+    poll_interval: float = POLL_INTERVAL
+    claim_batch: int = CLAIM_BATCH
+    success_notices: bool = True  # send "relayed" DSNs for NOTIFY=SUCCESS when the peer lacks DSN
