@@ -8,14 +8,18 @@ Invariants:
   only its savepoint and fails only its own caller.
 - A job's future is resolved only after COMMIT returned, so "returned" means "durable".
 - Readers use their own connections (one per reader thread); WAL lets them run beside the writer.
-- Between processes, SQLite's lock serialises writers; ``busy_timeout`` makes them wait, not fail.
+- Between processes, writers take an exclusive ``flock`` on ``meta.db.writer-lock`` around each
+  transaction: the kernel wakes the next writer the moment the lock is released, where SQLite's own busy
+  handler would sleep and poll (``busy_timeout`` stays as the fallback).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -157,12 +161,14 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd = -1
         self.commits = 0  # statistics: transactions committed
         self.jobs_done = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._conn = connect(self._path)
+        self._lock_fd = os.open(str(self._path) + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._thread.start()
 
     def stop(self) -> None:
@@ -171,6 +177,9 @@ class GroupCommitWriter:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     async def submit(self, fn: WriteFn, prepare: Callable[[], None] | None = None) -> Any:
         assert self._loop is not None, "writer not started"
@@ -212,6 +221,27 @@ class GroupCommitWriter:
         if not live:
             return
         touched_by: list[Touched] = []
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            committed = self._transaction(conn, live, touched_by)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        if not committed:
+            return
+        self.commits += 1
+        self.jobs_done += len(live)
+        touched_all = Touched()
+        for touched in touched_by:
+            touched_all.mailboxes |= touched.mailboxes
+            touched_all.accounts |= touched.accounts
+            touched_all.unlink.extend(touched.unlink)
+        try:
+            self._on_commit(touched_all)
+        except Exception:  # pragma: no cover - announcing must never kill the writer
+            log.exception("change announcement failed")
+
+    def _transaction(self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
+        """Run ``live`` in one transaction; True when it committed (each job's outcome is set)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             for i, job in enumerate(live):
@@ -228,6 +258,7 @@ class GroupCommitWriter:
                 job.outcome = (True, res)
                 touched_by.append(touched)
             conn.execute("COMMIT")
+            return True
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -235,18 +266,7 @@ class GroupCommitWriter:
             log.error("store commit failed: %s", exc)
             for job in live:
                 job.outcome = (False, err)
-            return
-        self.commits += 1
-        self.jobs_done += len(live)
-        touched_all = Touched()
-        for touched in touched_by:
-            touched_all.mailboxes |= touched.mailboxes
-            touched_all.accounts |= touched.accounts
-            touched_all.unlink.extend(touched.unlink)
-        try:
-            self._on_commit(touched_all)
-        except Exception:  # pragma: no cover - announcing must never kill the writer
-            log.exception("change announcement failed")
+            return False
 
 
 def _resolve(batch: list[_Job]) -> None:
