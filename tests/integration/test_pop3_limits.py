@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import RunningServer
+from postroom.net.server import shutdown
+from postroom.store.api import AppendTarget
 
 Factory = Callable[..., RunningServer]
 
@@ -26,3 +28,26 @@ def test_per_ip_connection_limit(server_factory: Factory) -> None:
     assert recv_all(sock) == b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
     for c in held:
         c.quit()
+
+
+def test_graceful_shutdown_says_goodbye_and_removes_nothing(server_factory: Factory) -> None:
+    srv = server_factory(services=["pop3s"])
+    srv.add_user("bob@example.test", "pw")
+
+    async def one() -> None:
+        acct = await srv.store.get_account("bob@example.test")
+        assert acct is not None
+        mb = await srv.store.get_mailbox(acct.id, "INBOX")
+        assert mb is not None
+        await srv.store.append(b"Subject: s\r\n\r\nbody\r\n", [AppendTarget(mb.id)])
+
+    srv.call(one())
+    client = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=srv.client_tls(), timeout=10)
+    client.user("bob@example.test")
+    client.pass_("pw")
+    client.dele(1)
+    cancelled = srv.call(shutdown(srv.listeners, grace=10))
+    assert cancelled == 0  # the idle session ended by itself, long before the grace period
+    assert client.file.readline() == b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"
+    assert client.file.readline() == b""
+    assert len(srv.inbox("bob@example.test")) == 1

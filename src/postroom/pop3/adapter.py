@@ -17,12 +17,14 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from postroom.app import App, ListenerSpec
 from postroom.errors import NotFoundError, StoreError
 from postroom.log import connection_logger
 from postroom.net.connection import Connection
+from postroom.net.server import shutdown_event
 from postroom.pop3.core import Pop3Session
 from postroom.pop3.events import (
     Authenticate,
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 FLUSH_AT = 128 * 1024  # octets of pending replies after which the adapter writes before the next command
 READ_SIZE = 65536  # octets per read from the connection
 SEEN = ("\\Seen",)
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"  # RFC 3206 §4
 
 
 async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
@@ -59,6 +62,20 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
     timeout = cfg.pop3.idle_timeout
     lock: MaildropLock | None = None
     mailbox_id = 0
+    # Graceful shutdown: a session waiting for its next command says goodbye at once (nothing removed);
+    # one busy with a command finishes it first and says goodbye before reading again.
+    stopping = shutdown_event(app)
+    idle = False
+
+    def on_stop(waiter: asyncio.Future[object]) -> None:
+        if idle and not waiter.cancelled():
+            conn.write(SHUTTING_DOWN)
+            conn.close()
+            # A TLS close waits for the peer's close_notify before connection_lost; end our read now.
+            conn.eof_received()
+
+    stop_waiter: asyncio.Future[object] = asyncio.ensure_future(stopping.wait())
+    stop_waiter.add_done_callback(on_stop)
     try:
         while True:
             event = session.next_event()
@@ -67,11 +84,17 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                 if out:
                     conn.write(out)
                     await conn.drain()
+                if stopping.is_set():
+                    conn.write(SHUTTING_DOWN)
+                    return
+                idle = True
                 try:
                     data = await conn.read(READ_SIZE, timeout=timeout)
                 except TimeoutError:
                     clog.info("idle timeout after %.0f s; nothing removed", timeout)  # RFC 1939 §3
                     return
+                finally:
+                    idle = False
                 if not data:
                     if session.username:
                         clog.info("%s disconnected without QUIT; nothing removed", session.username)
@@ -117,6 +140,7 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                 await _flush(conn, session)
                 return
     finally:
+        stop_waiter.cancel()
         if lock is not None:
             lock.release()
 
