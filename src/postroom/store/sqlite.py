@@ -9,7 +9,8 @@ Invariants (beyond those of :mod:`postroom.store.api`):
   are written to a file, fsynced, renamed and their directory fsynced *before* their row is committed; a
   crash in between leaves at worst an orphan file, never a row without bytes.
 - ``blobs.refs`` counts the messages and queue entries that use a blob; the blob goes when it reaches 0.
-- The full-text index is filled behind delivery (``fts_pending``) and caught up before every search, so
+- The full-text index is filled behind delivery (blobs above the ``fts_indexed`` watermark) and caught up
+  before every search, so
   delivery never waits for indexing and a search never misses a message.
 """
 
@@ -309,7 +310,6 @@ class SqliteStore(QueueMixin, Store):
             row = c.execute("SELECT refs, path FROM blobs WHERE id=?", (blob_id,)).fetchone()
             if row is not None and row[0] <= 0:
                 c.execute("DELETE FROM blobs WHERE id=?", (blob_id,))
-                c.execute("DELETE FROM fts_pending WHERE blob_id=?", (blob_id,))
                 if row[1]:
                     t.unlink.append(str(self.blob_dir / row[1]))
 
@@ -421,7 +421,6 @@ class SqliteStore(QueueMixin, Store):
             )
             blob_id = cur.lastrowid
             assert blob_id is not None
-            c.execute("INSERT INTO fts_pending VALUES(?)", (blob_id,))
             out: list[tuple[int, int]] = []
             now = time.time()
             for target in targets:
@@ -697,21 +696,25 @@ class SqliteStore(QueueMixin, Store):
 
     # -- full-text search ---------------------------------------------------------------------------
     def _index_pending(self, c: sqlite3.Connection, t: db.Touched) -> int:
-        rows = c.execute(
-            "SELECT b.id, b.structure FROM fts_pending p JOIN blobs b ON b.id = p.blob_id LIMIT 2000"
-        ).fetchall()
+        """Index up to 2,000 blobs newer than the ``fts_indexed`` watermark; returns how many."""
+        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
+        rows = c.execute("SELECT id, structure FROM blobs WHERE id > ? ORDER BY id LIMIT 2000", (mark,)).fetchall()
         for blob_id, text in rows:
             st = json.loads(text)
             c.execute(
                 "INSERT INTO fts(rowid, headers, body) VALUES(?,?,?)",
                 (blob_id, st.get("search_headers", ""), st.get("search_body", st.get("text", ""))),
             )
-            c.execute("DELETE FROM fts_pending WHERE blob_id=?", (blob_id,))
-        c.execute("DELETE FROM fts_pending WHERE blob_id NOT IN (SELECT id FROM blobs)")
+        if rows:
+            c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (rows[-1][0],))
         return len(rows)
 
+    def _index_behind(self, c: sqlite3.Connection) -> bool:
+        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
+        return c.execute("SELECT 1 FROM blobs WHERE id > ? LIMIT 1", (mark,)).fetchone() is not None
+
     async def search_text(self, mailbox_id: int, terms: Sequence[str], body_only: bool = False) -> set[int]:
-        while await self._read(lambda c: c.execute("SELECT COUNT(*) FROM fts_pending").fetchone()[0]):
+        while await self._read(self._index_behind):
             await self._write(self._index_pending)
         long_terms = [t for t in terms if len(t) >= 3]
         short_terms = [t.lower() for t in terms if len(t) < 3]

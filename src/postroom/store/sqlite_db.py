@@ -78,7 +78,6 @@ CREATE TABLE IF NOT EXISTS expunged(
     uid INTEGER NOT NULL,
     modseq INTEGER NOT NULL,
     PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS fts_pending(blob_id INTEGER PRIMARY KEY);
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(headers, body, content='', tokenize='trigram');
 CREATE TABLE IF NOT EXISTS queue_messages(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -124,6 +123,7 @@ def init_schema(conn: sqlite3.Connection) -> None:
             conn.execute(stmt)
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
     conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('last_uidvalidity', 0)")
+    conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('fts_indexed', 0)")  # highest blob id indexed
     conn.execute("COMMIT")
 
 
