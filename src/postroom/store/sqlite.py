@@ -10,8 +10,7 @@ Invariants (beyond those of :mod:`postroom.store.api`):
   crash in between leaves at worst an orphan file, never a row without bytes.
 - ``blobs.refs`` counts the messages and queue entries that use a blob; the blob goes when it reaches 0.
 - The full-text index is filled behind delivery (blobs above the ``fts_indexed`` watermark) and caught up
-  before every search, so
-  delivery never waits for indexing and a search never misses a message.
+  before every search, so delivery never waits for indexing and a search never misses a message.
 """
 
 from __future__ import annotations
