@@ -31,8 +31,6 @@ from postroom.errors import AlreadyExistsError, NotFoundError, StoreError, Store
 from postroom.mime import analyze
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
-    DEFAULT_MAILBOXES,
-    Account,
     AppendTarget,
     Changes,
     FlagOp,
@@ -45,7 +43,9 @@ from postroom.store.api import (
     Watch,
 )
 from postroom.store.changes import ChangeHub
+from postroom.store.sqlite_accounts import AccountsMixin
 from postroom.store.sqlite_queue import QueueMixin
+from postroom.store.sqlite_search import SearchMixin
 
 INLINE_MAX = 1024 * 1024  # octets; larger messages go to files under blobs/
 READER_THREADS = 4
@@ -82,7 +82,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class SqliteStore(QueueMixin, Store):
+class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
     """The default store. Open with :func:`open_store`."""
 
     def __init__(self, directory: Path) -> None:
@@ -150,13 +150,6 @@ class SqliteStore(QueueMixin, Store):
         return await self._writer.submit(fn, prepare)
 
     # -- domains, accounts, aliases ---------------------------------------------------------------
-    async def add_domain(self, name: str) -> None:
-        await self._write(lambda c, t: c.execute("INSERT OR IGNORE INTO domains VALUES(?)", (name.lower(),)))
-
-    async def list_domains(self) -> list[str]:
-        rows = await self._read(lambda c: c.execute("SELECT name FROM domains ORDER BY name").fetchall())
-        return [r[0] for r in rows]
-
     def _next_uidvalidity(self, c: sqlite3.Connection) -> int:
         last = c.execute("SELECT value FROM meta WHERE key='last_uidvalidity'").fetchone()[0]
         value = max(int(time.time()), int(last) + 1)
@@ -171,95 +164,6 @@ class SqliteStore(QueueMixin, Store):
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
-
-    async def create_account(self, address: str, password_hash: str) -> Account:
-        address = address.lower()
-
-        def tx(c: sqlite3.Connection, t: db.Touched) -> Account:
-            try:
-                cur = c.execute(
-                    "INSERT INTO accounts(address, password_hash, created) VALUES(?,?,?)",
-                    (address, password_hash, time.time()),
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExistsError(f"account {address} exists") from None
-            assert cur.lastrowid is not None
-            for name, special in DEFAULT_MAILBOXES:
-                self._create_mailbox_tx(c, cur.lastrowid, name, special)
-            t.accounts.add(cur.lastrowid)
-            return Account(cur.lastrowid, address, password_hash)
-
-        result: Account = await self._write(tx)
-        return result
-
-    async def delete_account(self, address: str) -> None:
-        address = address.lower()
-
-        def tx(c: sqlite3.Connection, t: db.Touched) -> None:
-            row = c.execute("SELECT id FROM accounts WHERE address=?", (address,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no account {address}")
-            for (mb_id,) in c.execute("SELECT id FROM mailboxes WHERE account_id=?", (row[0],)).fetchall():
-                self._drop_mailbox_tx(c, mb_id, t)
-            c.execute("DELETE FROM accounts WHERE id=?", (row[0],))
-            c.execute("DELETE FROM aliases WHERE target=?", (address,))
-            t.accounts.add(row[0])
-
-        await self._write(tx)
-
-    async def get_account(self, address: str) -> Account | None:
-        row = await self._read(
-            lambda c: c.execute(
-                "SELECT id, address, password_hash FROM accounts WHERE address=?", (address.lower(),)
-            ).fetchone()
-        )
-        return Account(*row) if row else None
-
-    async def list_accounts(self) -> list[Account]:
-        rows = await self._read(
-            lambda c: c.execute("SELECT id, address, password_hash FROM accounts ORDER BY address").fetchall()
-        )
-        return [Account(*r) for r in rows]
-
-    async def set_password(self, address: str, password_hash: str) -> None:
-        def tx(c: sqlite3.Connection, t: db.Touched) -> None:
-            cur = c.execute("UPDATE accounts SET password_hash=? WHERE address=?", (password_hash, address.lower()))
-            if cur.rowcount == 0:
-                raise NotFoundError(f"no account {address}")
-
-        await self._write(tx)
-
-    async def add_alias(self, alias: str, target: str) -> None:
-        await self._write(
-            lambda c, t: c.execute("INSERT OR REPLACE INTO aliases VALUES(?,?)", (alias.lower(), target.lower()))
-        )
-
-    async def remove_alias(self, alias: str) -> None:
-        def tx(c: sqlite3.Connection, t: db.Touched) -> None:
-            if c.execute("DELETE FROM aliases WHERE alias=?", (alias.lower(),)).rowcount == 0:
-                raise NotFoundError(f"no alias {alias}")
-
-        await self._write(tx)
-
-    async def list_aliases(self) -> list[tuple[str, str]]:
-        rows = await self._read(lambda c: c.execute("SELECT alias, target FROM aliases ORDER BY alias").fetchall())
-        return [(r[0], r[1]) for r in rows]
-
-    async def resolve(self, address: str) -> Account | None:
-        def q(c: sqlite3.Connection) -> Any:
-            addr = address.lower()
-            for _ in range(5):  # alias chains are short; bound them against loops
-                row = c.execute("SELECT id, address, password_hash FROM accounts WHERE address=?", (addr,)).fetchone()
-                if row:
-                    return row
-                alias = c.execute("SELECT target FROM aliases WHERE alias=?", (addr,)).fetchone()
-                if alias is None:
-                    return None
-                addr = alias[0]
-            return None
-
-        row = await self._read(q)
-        return Account(*row) if row else None
 
     # -- mailboxes --------------------------------------------------------------------------------
     async def list_mailboxes(self, account_id: int) -> list[Mailbox]:
@@ -691,59 +595,6 @@ class SqliteStore(QueueMixin, Store):
             return pairs
 
         result: list[tuple[int, int]] = await self._write(tx)
-        return result
-
-    # -- full-text search ---------------------------------------------------------------------------
-    def _index_pending(self, c: sqlite3.Connection, t: db.Touched) -> int:
-        """Index up to 2,000 blobs newer than the ``fts_indexed`` watermark; returns how many."""
-        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
-        rows = c.execute("SELECT id, structure FROM blobs WHERE id > ? ORDER BY id LIMIT 2000", (mark,)).fetchall()
-        for blob_id, text in rows:
-            st = json.loads(text)
-            c.execute(
-                "INSERT INTO fts(rowid, headers, body) VALUES(?,?,?)",
-                (blob_id, st.get("search_headers", ""), st.get("search_body", st.get("text", ""))),
-            )
-        if rows:
-            c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (rows[-1][0],))
-        return len(rows)
-
-    def _index_behind(self, c: sqlite3.Connection) -> bool:
-        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
-        return c.execute("SELECT 1 FROM blobs WHERE id > ? LIMIT 1", (mark,)).fetchone() is not None
-
-    async def search_text(self, mailbox_id: int, terms: Sequence[str], body_only: bool = False) -> set[int]:
-        while await self._read(self._index_behind):
-            await self._write(self._index_pending)
-        long_terms = [t for t in terms if len(t) >= 3]
-        short_terms = [t.lower() for t in terms if len(t) < 3]
-
-        def q(c: sqlite3.Connection) -> set[int]:
-            if long_terms:
-                cols = "body" if body_only else "{headers body}"
-                match = " AND ".join(f'{cols}:"{t.replace(chr(34), chr(34) * 2)}"' for t in long_terms)
-                rows = c.execute(
-                    "SELECT m.uid, m.blob_id FROM messages m WHERE m.mailbox_id=?"
-                    " AND m.blob_id IN (SELECT rowid FROM fts WHERE fts MATCH ?)",
-                    (mailbox_id, match),
-                ).fetchall()
-            else:
-                rows = c.execute("SELECT uid, blob_id FROM messages WHERE mailbox_id=?", (mailbox_id,)).fetchall()
-            if not short_terms:
-                return {r[0] for r in rows}
-            out: set[int] = set()
-            for uid, blob_id in rows:  # terms under 3 characters: the trigram index cannot help
-                st = json.loads(c.execute("SELECT structure FROM blobs WHERE id=?", (blob_id,)).fetchone()[0])
-                text = (
-                    st.get("search_body", st.get("text", ""))
-                    if body_only
-                    else st.get("search_headers", "") + "\n" + st.get("search_body", st.get("text", ""))
-                ).lower()
-                if all(s in text for s in short_terms):
-                    out.add(uid)
-            return out
-
-        result: set[int] = await self._read(q)
         return result
 
     # -- change feed ------------------------------------------------------------------------------
