@@ -1,0 +1,178 @@
+"""The PDF side of a burst: open and check the report, scan pages for tags, split pages out.
+
+Text comes from ``pypdfium2`` (fast, handles tiny and white text like any other), pages are copied with
+``pikepdf``/QPDF (objects a document's pages share, such as fonts, are copied once per output file).
+
+Invariants:
+- :func:`check_pdf` opens the report once before any work: an encrypted report without the right
+  password, or a file that is not a PDF, is a :class:`PdfInputError` naming the file.
+- Scanning extracts each page's text exactly once, and only its text (no bounding boxes or per-character
+  calls); the tag grammar runs only on pages whose text holds a tag marker. Pages are scanned by worker
+  processes in page ranges (text extraction is CPU-bound and pdfium is not thread-safe); small reports are
+  scanned in-process.
+- A page that cannot be read becomes a :class:`PageScan` with an error, never a silently untagged page.
+- :func:`split` writes a compressed PDF holding exactly the given pages, optionally AES-256 encrypted
+  (PDF 2.0 security handler R6) with a per-message user password.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pikepdf
+import pypdfium2 as pdfium
+
+from postroom.burst.plan import PageScan
+from postroom.burst.tags import TagError, find_tags, has_tag_marker
+from postroom.errors import PostroomError
+
+IN_PROCESS_PAGES = 64  # below this, worker start-up costs more than it saves
+PAGES_PER_CHUNK = 200  # a unit of work for a scanning process; also the progress granularity
+
+
+class PdfInputError(PostroomError):
+    """The report cannot be used: not a PDF, damaged, or encrypted without the right password."""
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def check_pdf(path: str | Path, password: str | None = None) -> int:
+    """Open the report with both libraries and return its page count. Raises :class:`PdfInputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PdfInputError(f"{path}: no such file")
+    try:
+        doc = pdfium.PdfDocument(str(path), password=password)
+    except pdfium.PdfiumError as exc:
+        text = str(exc)
+        if "password" in text.lower():
+            if password:
+                raise PdfInputError(f"{path}: the PDF password is wrong") from None
+            raise PdfInputError(f"{path}: the PDF is encrypted; give its password in POSTROOM_PDF_PASSWORD") from None
+        raise PdfInputError(f"{path}: not a readable PDF ({text})") from None
+    try:
+        count = len(doc)
+    finally:
+        doc.close()
+    try:
+        with pikepdf.open(path, password=password or "") as pdf:
+            if len(pdf.pages) != count:
+                raise PdfInputError(f"{path}: the PDF is damaged (page count differs between readers)")
+    except pikepdf.PasswordError:
+        raise PdfInputError(f"{path}: the PDF is encrypted; give its password in POSTROOM_PDF_PASSWORD") from None
+    except pikepdf.PdfError as exc:
+        raise PdfInputError(f"{path}: the PDF is damaged ({exc})") from None
+    if count == 0:
+        raise PdfInputError(f"{path}: the PDF has no pages")
+    return count
+
+
+def scan_range(path: str, password: str | None, start: int, stop: int) -> list[PageScan]:
+    """Scan pages ``start`` … ``stop - 1`` (0-based) of the report; one :class:`PageScan` each."""
+    out: list[PageScan] = []
+    doc = pdfium.PdfDocument(path, password=password)
+    try:
+        for index in range(start, stop):
+            page_no = index + 1
+            try:
+                page = doc[index]
+                try:
+                    textpage = page.get_textpage()
+                    try:
+                        text = textpage.get_text_range()
+                    finally:
+                        textpage.close()
+                finally:
+                    page.close()
+            except pdfium.PdfiumError as exc:
+                out.append(PageScan(page_no, error=f"the page's text cannot be read ({exc})"))
+                continue
+            if not has_tag_marker(text):
+                out.append(PageScan(page_no))
+                continue
+            try:
+                out.append(PageScan(page_no, tuple(find_tags(text))))
+            except TagError as exc:
+                out.append(PageScan(page_no, error=str(exc)))
+    finally:
+        doc.close()
+    return out
+
+
+def _chunks(count: int, workers: int) -> list[tuple[int, int]]:
+    size = max(1, min(PAGES_PER_CHUNK, -(-count // (workers * 4))))
+    return [(s, min(count, s + size)) for s in range(0, count, size)]
+
+
+def pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool; ``fork`` where available (fast start, nothing to re-import)."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def scan(
+    path: str | Path,
+    page_count: int,
+    *,
+    password: str | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[PageScan]:
+    """Scan every page, in parallel for big reports. ``progress(n)`` is called with pages done so far."""
+    path = str(path)
+    workers = workers or default_workers()
+    if workers == 1 or page_count <= IN_PROCESS_PAGES:
+        result: list[PageScan] = []
+        for start, stop in _chunks(page_count, 1):
+            result.extend(scan_range(path, password, start, stop))
+            if progress:
+                progress(len(result))
+        return result
+    results: list[PageScan] = []
+    with pool(workers) as ex:
+        futures = [ex.submit(scan_range, path, password, a, b) for a, b in _chunks(page_count, workers)]
+        for fut in futures:
+            results.extend(fut.result())
+            if progress:
+                progress(len(results))
+    return results
+
+
+def split(src: pikepdf.Pdf, pages: Sequence[int], password: str | None = None) -> bytes:
+    """A new PDF with exactly ``pages`` (1-based) of ``src``; AES-256 encrypted when ``password`` is set."""
+    out = pikepdf.Pdf.new()
+    try:
+        out.pages.extend(src.pages[p - 1] for p in pages)
+        buf = io.BytesIO()
+        kwargs: dict[str, object] = {}
+        if password:
+            # R=6 is the AES-256 handler; the owner password is random: nobody may lift the restrictions.
+            kwargs["encryption"] = pikepdf.Encryption(user=password, owner=secrets.token_urlsafe(24), R=6)
+        out.save(
+            buf,
+            compress_streams=True,
+            object_stream_mode=pikepdf.ObjectStreamMode.generate,
+            deterministic_id=not password,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        return buf.getvalue()
+    finally:
+        out.close()
+
+
+def iter_split(
+    path: str | Path, jobs: Sequence[tuple[Sequence[int], str | None]], password: str | None = None
+) -> Iterator[bytes]:
+    """Split several page lists from one opened report (the source is opened once)."""
+    with pikepdf.open(path, password=password or "") as src:
+        for pages, pw in jobs:
+            yield split(src, pages, pw)
