@@ -10,6 +10,8 @@ MAX_DEPTH = 16  # parenthesis nesting; defence against the "NOOP ((((" memory at
 MAX_CONNECTIONS_PER_USER_IP = 20  # like Dovecot's mail_max_userip_connections (10)
 IDLE_TIMEOUT = 30 * 60.0  # seconds; RFC 9051 §5.4 autologout timer is at least 30 minutes
 PRE_AUTH_TIMEOUT = 60.0  # seconds before LOGIN/AUTHENTICATE, as Dovecot's login processes do
+APPEND_LIMIT = MAX_LITERAL  # octets per APPENDed message, advertised as APPENDLIMIT= (RFC 7889)
+FETCH_BATCH = 200  # messages whose structures one FETCH loads per store call (bounds memory per step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,3 +24,5 @@ class ImapConfig:
     max_connections_per_user_ip: int = MAX_CONNECTIONS_PER_USER_IP
     idle_timeout: float = IDLE_TIMEOUT
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
+    append_limit: int = APPEND_LIMIT
+    fetch_batch: int = FETCH_BATCH

@@ -5,8 +5,9 @@
 - ``"v"``: STRUCTURE_VERSION; a store re-analyzes rows whose version is older.
 - ``"header_size"``: octets of the top-level header block including the blank line.
 - ``"lines"``: number of lines of the whole message.
-- ``"text"``: searchable text (decoded header values, then decoded text parts), for the full-text index;
-  its first ``"text_hlen"`` characters are the header part (so a body-only index is ``text[text_hlen:]``).
+- ``"search_headers"`` / ``"search_body"``: searchable text for the full-text index: decoded header
+  values, and the decoded text parts (plus headers of attached messages). SEARCH TEXT uses both, BODY the
+  second only.
 - ``"env"``: the ENVELOPE fields (``mime.headers.envelope``).
 - ``"date"``: the Date: header as seconds since the epoch, or None (SEARCH SENTBEFORE …, SORT).
 - ``"fields"``: ``[[lower-cased name, decoded value], ...]`` of the top-level header (SEARCH HEADER, FROM …).
@@ -194,16 +195,17 @@ def analyze(raw: bytes) -> dict[str, Any]:
     fields = parse_fields(raw[:header_end])
     decoded = [[name, decode_words(value)] for name, value in fields]
     header_text = "\n".join(v for _, v in decoded)
-    an.add_text(header_text + "\n")
-    hlen = an.text_len
+    an.add_text(header_text)
+    search_headers = "".join(an.texts)
+    an.texts = []
     body = an.node(0, len(raw), "text/plain", 0)
     first_date = next((v for n, v in fields if n == "date"), None)
     return {
         "v": STRUCTURE_VERSION,
         "header_size": header_end,
         "lines": _count_lines(raw, 0, len(raw)),
-        "text": "".join(an.texts),
-        "text_hlen": hlen,
+        "search_headers": search_headers,
+        "search_body": "".join(an.texts),
         "env": envelope(fields),
         "date": parse_date(first_date),
         "fields": decoded,

@@ -1,0 +1,240 @@
+"""The asyncio adapter: moves bytes between a :class:`Connection` and the sans-I/O IMAP core.
+
+Invariants:
+- After STARTTLS the reader's buffer is cleared *and* ``conn.start_tls`` discards unread plaintext, so
+  nothing pipelined behind STARTTLS runs inside TLS.
+- On a plain ``imap`` listener LOGIN/AUTHENTICATE are refused (LOGINDISABLED) until TLS, unless
+  ``auth.allow_plaintext_on_loopback`` and the peer is loopback.
+- Timeouts: ``pre_auth_timeout`` before login, ``idle_timeout`` (≥ 30 min, RFC 9051 §5.4) after; expiry
+  sends ``* BYE`` and closes.
+- At most ``max_connections_per_user_ip`` logged-in sessions per (user, IP), counted per process.
+- During IDLE the session waits on both the socket (for DONE) and the mailbox watch; a change is announced
+  as soon as the watch fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+from postroom.app import App, ListenerSpec
+from postroom.imap.core import Outcome, Session, State
+from postroom.imap.dispatch import execute, idle_done
+from postroom.imap.reader import (
+    Command,
+    CommandReader,
+    ContinueLiteral,
+    Line,
+    LineTooLong,
+    LiteralRejected,
+    Malformed,
+)
+from postroom.net.connection import Connection
+from postroom.store.api import AppendTarget, Watch
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+
+
+class _UserIpLimiter:
+    """Logged-in sessions per (address, ip) in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def admit(self, address: str, ip: str) -> bool:
+        key = (address, ip)
+        n = self.counts.get(key, 0)
+        if n >= self.limit:
+            return False
+        self.counts[key] = n + 1
+        return True
+
+    def release(self, address: str, ip: str) -> None:
+        key = (address, ip)
+        n = self.counts.get(key, 0) - 1
+        if n <= 0:
+            self.counts.pop(key, None)
+        else:
+            self.counts[key] = n
+
+
+class _Io:
+    def __init__(self, conn: Connection, reader: CommandReader, timeout: float) -> None:
+        self.conn = conn
+        self.reader = reader
+        self.timeout = timeout
+
+    def write(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    async def drain(self) -> None:
+        await self.conn.drain()
+
+    async def read_line(self) -> bytes | None:
+        self.reader.read_line_mode = True
+        try:
+            while True:
+                ev = self.reader.next_event()
+                if isinstance(ev, Line):
+                    return ev.data
+                if ev is not None:
+                    return None
+                data = await self.conn.read(READ_CHUNK, timeout=self.timeout)
+                if not data:
+                    return None
+                self.reader.receive_data(data)
+        finally:
+            self.reader.read_line_mode = False
+
+
+async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
+    """Serve one IMAP connection until LOGOUT, EOF, timeout or a fatal protocol error."""
+    cfg = app.config.imap
+    plaintext_ok = app.config.auth.allow_plaintext_on_loopback and conn.is_loopback
+    reader = CommandReader(cfg.max_line, cfg.max_literal)
+    io = _Io(conn, reader, cfg.pre_auth_timeout)
+    store = app.store
+
+    async def append(mailbox_id: int, raw: bytes, flags: frozenset[str], when: float | None) -> int:
+        placed = await store.append(raw, [AppendTarget(mailbox_id, flags, when)])
+        return placed[0][1]
+
+    session = Session(
+        store=store,  # Store satisfies MailPort structurally
+        append=append,
+        authenticate=app.auth.authenticate,
+        io=io,
+        config=cfg,
+        peer_ip=conn.peer[0],
+        tls=conn.is_tls,
+        starttls=spec.service == "imap",
+        plaintext_ok=plaintext_ok,
+        hostname=app.hostname,
+    )
+    limiter = app.extras.get("imap.userip")
+    if not isinstance(limiter, _UserIpLimiter):
+        limiter = _UserIpLimiter(cfg.max_connections_per_user_ip)
+        app.extras["imap.userip"] = limiter
+    admitted: list[tuple[str, str]] = []
+
+    def admit(address: str, ip: str) -> bool:
+        ok = limiter.admit(address, ip)
+        if ok:
+            admitted.append((address, ip))
+        return ok
+
+    session.admit = admit
+    conn.write(f"* OK [CAPABILITY {session.capabilities()}] Postroom IMAP ready\r\n".encode())
+    try:
+        await _serve(conn, app, session, reader, io)
+    finally:
+        session.deselect()
+        for address, ip in admitted:
+            limiter.release(address, ip)
+
+
+async def _serve(conn: Connection, app: App, session: Session, reader: CommandReader, io: _Io) -> None:
+    cfg = app.config.imap
+    while True:
+        ev = reader.next_event()
+        if ev is None:
+            io.timeout = cfg.pre_auth_timeout if session.state is State.NOT_AUTH else cfg.idle_timeout
+            try:
+                data = await conn.read(READ_CHUNK, timeout=io.timeout)
+            except TimeoutError:
+                conn.write(b"* BYE Autologout; idle for too long\r\n")
+                return
+            if not data:
+                return
+            reader.receive_data(data)
+            continue
+        if isinstance(ev, Command):
+            outcome = await execute(session, ev)
+            session.flush()
+            if session.bye:
+                conn.write(f"* BYE {session.bye}\r\n".encode())
+                return
+            if outcome is Outcome.LOGOUT:
+                return
+            if outcome is Outcome.STARTTLS:
+                reader.clear()
+                await conn.start_tls(app.tls)
+                reader.clear()
+            elif outcome is Outcome.IDLE and not await _idle(conn, session, reader, ev):
+                return
+        elif isinstance(ev, ContinueLiteral):
+            conn.write(b"+ Ready for literal data\r\n")
+        elif isinstance(ev, LiteralRejected):
+            if ev.fatal:
+                conn.write(f"* BYE [TOOBIG] Literal of {ev.size} octets is too large\r\n".encode())
+                return
+            conn.write(f"{ev.tag} NO [TOOBIG] Literal of {ev.size} octets is too large\r\n".encode())
+        elif isinstance(ev, LineTooLong):
+            log.warning("imap line too long from %s", conn.peer[0])
+            conn.write(f"{ev.tag} BAD [TOOBIG] Command line too long\r\n".encode())
+        elif isinstance(ev, Malformed):
+            conn.write(f"{ev.tag} BAD {ev.reason}\r\n".encode())
+        elif isinstance(ev, Line):  # pragma: no cover - only produced in read_line_mode
+            continue
+
+
+async def _idle(conn: Connection, session: Session, reader: CommandReader, cmd: Command) -> bool:
+    """Run IDLE until DONE (True) or the connection ends (False). RFC 2177."""
+    tag = cmd.line.split(b" ", 1)[0].decode("ascii", "replace")
+    timeout = session.config.idle_timeout
+    read_task: asyncio.Task[bytes] | None = None
+    reader.read_line_mode = True
+    try:
+        while True:
+            ev = reader.next_event()
+            if isinstance(ev, Line):
+                reader.read_line_mode = False
+                if ev.data.strip().upper() == b"DONE":
+                    await idle_done(session, tag)
+                else:
+                    session.tagged(tag, "BAD", "Expected DONE")
+                session.flush()
+                return True
+            if ev is not None:
+                continue
+            if read_task is None:
+                read_task = asyncio.ensure_future(conn.read(READ_CHUNK))
+            waiters: set[asyncio.Future[object]] = {cast("asyncio.Future[object]", read_task)}
+            watch_task: asyncio.Task[None] | None = None
+            watch = session.watch
+            if isinstance(watch, Watch):
+                watch_task = asyncio.ensure_future(watch.wait())
+                waiters.add(cast("asyncio.Future[object]", watch_task))
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if watch_task is not None and not watch_task.done():
+                    watch_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch_task
+            if not done:
+                conn.write(b"* BYE Autologout; idle for too long\r\n")
+                return False
+            if read_task in done:
+                data = read_task.result()
+                read_task = None
+                if not data:
+                    return False
+                reader.receive_data(data)
+            if watch_task is not None and watch_task in done:
+                await session.poll(allow_expunge=True)
+                session.flush()
+                if session.bye:
+                    conn.write(f"* BYE {session.bye}\r\n".encode())
+                    return False
+    finally:
+        reader.read_line_mode = False
+        if read_task is not None and not read_task.done():
+            read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read_task
