@@ -142,9 +142,9 @@ class Connection(asyncio.Protocol):
             raise ConnectionError("connection closed during TLS handshake")
         assert isinstance(new_transport, asyncio.Transport)
         self.transport = new_transport
-        # Anything that arrived in plaintext during the handshake set-up is discarded as well.
-        self._chunks.clear()
-        self._buffered = 0
+        # No second clear here: from the handshake on, every byte comes decrypted through the TLS transport
+        # (plaintext sent early is fed to the handshake and fails it). A fast client's first command may
+        # already be buffered when the handshake completes; discarding it would hang the session.
         self._note_tls(new_transport)
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
