@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""IMAP load: Postroom beside Dovecot (stock and high-performance process modes), same mail, one run.
+
+Each session (26 commands, as in the reference peers' runs): connect, LOGIN, SELECT INBOX,
+FETCH 1:* (FLAGS UID RFC822.SIZE), 20 x UID FETCH n BODY.PEEK[] of random messages, UID STORE of 20 random
+UIDs +FLAGS (\\Seen), SEARCH UNSEEN, LOGOUT; a new connection per session, a random user of ``--users``.
+``--clients`` concurrent sessions are spread over a few load-generator processes (lean asyncio clients, one
+command at a time like imaplib). Reported: commands/s, sessions/s, p50/p99 per command, and Postroom's
+ratio to each Dovecot variant (median of ``--runs``). Every run first clears ``\\Seen`` on all INBOXes.
+
+Both servers hold the same mail: ``--users`` users x ``--messages`` messages of 4.5-5.7 KB (Postroom: its
+SQLite store through the store API; Dovecot: Maildir, indexed with ``doveadm index``). Dovecot is configured
+from the reference peers' files (``../shared/anchors/dovecot/`` beside the repository, or ``--anchors``),
+rewritten to run self-contained under ``bench/out/imap`` on free loopback ports; it is skipped (with a note)
+when not installed. Only 127.0.0.1 is used.
+
+    python bench/imap_load.py            # full: 50 users x 1,000 messages, 8 and 32 clients, 3 runs
+    python bench/imap_load.py --quick    # a few seconds; CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "imap"
+PASSWORD = "benchpass"
+DOMAIN = "bench.test"
+FETCHES_PER_SESSION = 20
+STORE_UIDS = 20
+COMMANDS = ("LOGIN", "SELECT", "FETCH", "UID FETCH", "UID STORE", "SEARCH", "LOGOUT")
+SEED = 1939
+
+
+# -- the mail ------------------------------------------------------------------------------------
+def make_message(rng: random.Random, user: int, n: int) -> bytes:
+    """One message of 4.5-5.7 KB with CRLF line endings (a few body lines start with a dot)."""
+    words = ("invoice", "statement", "account", "payment", "total", "period", "balance", "reference", "due")
+    head = (
+        f"From: Sender {n % 17} <sender{n % 17}@example.net>\r\n"
+        f"To: user{user:02d}@{DOMAIN}\r\n"
+        f"Subject: Statement {n} for user{user:02d}\r\n"
+        f"Date: Thu, 26 Nov 2026 12:{n % 60:02d}:00 +0000\r\n"
+        f"Message-ID: <{user}.{n}@bench.example.net>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    target = rng.randint(4500, 5700)
+    lines: list[bytes] = []
+    size = len(head)
+    while size < target:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(6, 11)))
+        if rng.random() < 0.03:
+            line = "." + line
+        data = line.encode() + b"\r\n"
+        lines.append(data)
+        size += len(data)
+    return head + b"".join(lines)
+
+
+def corpus(user: int, count: int) -> list[bytes]:
+    rng = random.Random(SEED * 1000 + user)
+    return [make_message(rng, user, n) for n in range(count)]
+
+
+# -- Postroom ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            if s.recv(64).startswith(b"* OK"):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+async def _fill_postroom(data_dir: Path, users: int, messages: int) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from postroom.auth.passwords import hash_password
+    from postroom.store.api import AppendTarget
+    from postroom.store.sqlite import open_store
+
+    store = open_store(f"sqlite:///{(data_dir / 'store').resolve()}")
+    await store.open()
+    try:
+        await store.add_domain(DOMAIN)
+        pw_hash = hash_password(PASSWORD)
+        sem = asyncio.Semaphore(64)
+        for u in range(1, users + 1):
+            acct = await store.create_account(f"user{u:02d}@{DOMAIN}", pw_hash)
+            inbox = await store.get_mailbox(acct.id, "INBOX")
+            assert inbox is not None
+            target = [AppendTarget(inbox.id)]
+
+            async def one(raw: bytes, target: list[AppendTarget] = target) -> None:
+                async with sem:
+                    await store.append(raw, target)
+
+            await asyncio.gather(*(one(raw) for raw in corpus(u, messages)))
+    finally:
+        await store.close()
+
+
+def prepare_postroom(users: int, messages: int) -> Path:
+    data_dir = OUT / f"postroom-{users}x{messages}"
+    marker = data_dir / "complete"
+    if marker.exists():
+        return data_dir
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    asyncio.run(_fill_postroom(data_dir, users, messages))
+    marker.write_text("ok\n")
+    print(f"  postroom store: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
+    return data_dir
+
+
+def start_postroom(data_dir: Path, port: int, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+    config = data_dir / "bench.toml"
+    config.write_text(
+        f'hostname = "{DOMAIN}"\ndata_dir = "{data_dir}"\ndomains = ["{DOMAIN}"]\nworkers = {workers}\n'
+        'log_level = "WARNING"\n'
+        f'[listeners]\nimap = ["127.0.0.1:{port}"]\n'
+        "smtp = []\nsubmission = []\nsubmissions = []\npop3 = []\npop3s = []\nimaps = []\nhttp = []\n"
+        # Dovecot's bench users are {PLAIN}: no hashing cost at all. Postroom verifies argon2id once per
+        # user and worker, then serves logins from its verified-credential cache (like auth_cache).
+        "[auth]\nallow_plaintext_on_loopback = true\ncache_ttl = 3600.0\n"
+    )
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    wait_port(port, proc)
+    return proc, config
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- Dovecot -------------------------------------------------------------------------------------
+def mail_owner() -> tuple[str, str, int, int]:
+    """The uid Dovecot's mail processes run as: the anchors' ``vmail`` when it exists, else ``nobody``."""
+    import grp
+    import pwd
+
+    for user in ("vmail", "nobody"):
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(user)
+            return user, grp.getgrgid(pw.pw_gid).gr_name, pw.pw_uid, pw.pw_gid
+    raise RuntimeError("no vmail or nobody user")
+
+
+def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Path, int] | str:
+    """Write the Maildirs and both configs. Returns (stock conf, perf conf, port) or why it is skipped."""
+    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
+        return "dovecot not installed"
+    if os.geteuid() != 0:
+        return "dovecot needs root to start its mail processes"
+    stock_src, perf_src = anchors / "dovecot.conf", anchors / "dovecot-perf.conf"
+    if not stock_src.exists() or not perf_src.exists():
+        return f"no Dovecot anchor configs in {anchors}"
+    user, group, uid, gid = mail_owner()
+    base = OUT / f"dovecot-{users}x{messages}"
+    port = free_port()
+    mail = base / "vmail"
+    run = base / "run"
+    for d in (OUT, base, run):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
+    users_file = base / "users"
+    users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
+    users_file.chmod(0o644)
+    conf = stock_src.read_text()
+    replacements = {
+        "protocols = imap pop3": "protocols = imap",
+        "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
+        "instance_name = dovecot-bench": "instance_name = dovecot-bench-imap",
+        "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot.log",
+        "/etc/dovecot-bench/users": str(users_file),
+        "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
+        "port = 10143": f"port = {port}",
+        "port = 10110": "port = 0",
+    }
+    for old, new in replacements.items():
+        if old not in conf:
+            return f"anchor dovecot.conf changed: {old!r} not found"
+        conf = conf.replace(old, new)
+    if uid < 5000:
+        conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
+    stock = base / "dovecot.conf"
+    stock.write_text(conf)
+    perf_text = perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
+    perf = base / "dovecot-perf.conf"
+    perf.write_text(perf_text)
+    marker = base / "complete"
+    if not marker.exists():
+        t0 = time.monotonic()
+        shutil.rmtree(mail, ignore_errors=True)
+        host = socket.gethostname()
+        for u in range(1, users + 1):
+            md = mail / f"user{u:02d}" / "Maildir"
+            for sub in ("cur", "new", "tmp"):
+                (md / sub).mkdir(parents=True)
+            now = int(time.time())
+            for n, raw in enumerate(corpus(u, messages)):
+                data = raw.replace(b"\r\n", b"\n")  # Maildir stores LF; Dovecot sends CRLF
+                # Maildir++ S= (physical) and W= (virtual, CRLF) sizes: what Dovecot's perf guides advise.
+                (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
+        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
+        mail.chmod(0o755)
+        marker.write_text("ok\n")
+        print(f"  dovecot maildirs: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
+    return stock, perf, port
+
+
+def start_dovecot(conf: Path, port: int) -> int:
+    """Start Dovecot (it daemonizes); returns the master's pid."""
+    subprocess.run(["dovecot", "-c", str(conf)], check=True)
+    pidfile = conf.parent / "run" / "master.pid"
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text().strip())
+    wait_port(port, None)
+    return pid
+
+
+def index_dovecot(conf: Path) -> None:
+    """Build Dovecot's index files once (needs the running instance's auth service for ``-A``)."""
+    marker = conf.parent / "indexed"
+    if marker.exists():
+        return
+    res = subprocess.run(["doveadm", "-c", str(conf), "index", "-A", "INBOX"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"doveadm index failed: {res.stderr.strip()[:300]}")
+    marker.write_text("ok\n")
+
+
+def stop_dovecot(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+# -- the load generator --------------------------------------------------------------------------
+@dataclass
+class Tally:
+    sessions: int = 0
+    commands: int = 0
+    errors: int = 0
+    octets: int = 0
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in COMMANDS})
+
+
+class ImapError(Exception):
+    pass
+
+
+_LITERAL = re.compile(rb"\{(\d+)\}\r\n\Z")
+
+
+class Client:
+    """Just enough IMAP for the workload: send a command, read through its tagged response."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.n = 0
+
+    async def command(self, line: bytes) -> list[bytes]:
+        self.n += 1
+        tag = b"a%d" % self.n
+        self.writer.write(tag + b" " + line + b"\r\n")
+        readline, readexactly = self.reader.readline, self.reader.readexactly
+        out: list[bytes] = []
+        while True:
+            resp = await readline()
+            if not resp:
+                raise ImapError("connection closed")
+            m = _LITERAL.search(resp)
+            if m is not None:
+                resp += await readexactly(int(m.group(1)))
+                resp += await readline()
+            if resp.startswith(tag + b" "):
+                if not resp.startswith(tag + b" OK"):
+                    raise ImapError(resp[:100])
+                return out
+            out.append(resp)
+
+
+async def _session(port: int, user: str, rng: random.Random, tally: Tally) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        if not (await reader.readline()).startswith(b"* OK"):
+            raise ImapError("greeting")
+        c = Client(reader, writer)
+        lat = tally.latencies
+
+        async def timed(name: str, line: bytes) -> list[bytes]:
+            t0 = time.perf_counter()
+            out = await c.command(line)
+            lat[name].append(time.perf_counter() - t0)
+            tally.commands += 1
+            return out
+
+        await timed("LOGIN", b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
+        await timed("SELECT", b"SELECT INBOX")
+        listing = await timed("FETCH", b"FETCH 1:* (FLAGS UID RFC822.SIZE)")
+        uids = [int(m.group(1)) for m in (re.search(rb"UID (\d+)", x) for x in listing) if m]
+        if not uids:
+            raise ImapError("empty INBOX")
+        for _ in range(FETCHES_PER_SESSION):
+            body = await timed("UID FETCH", b"UID FETCH %d BODY.PEEK[]" % rng.choice(uids))
+            tally.octets += sum(len(x) for x in body)
+        chosen = sorted(rng.sample(uids, min(STORE_UIDS, len(uids))))
+        await timed("UID STORE", b"UID STORE " + ",".join(map(str, chosen)).encode() + rb" +FLAGS (\Seen)")
+        await timed("SEARCH", b"SEARCH UNSEEN")
+        await timed("LOGOUT", b"LOGOUT")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _clients(port: int, users: list[str], n: int, start: float, end: float, seed: int) -> Tally:
+    tally = Tally()
+    rng = random.Random(seed)
+    await asyncio.sleep(max(0.0, start - time.time()))
+
+    async def loop() -> None:
+        while time.time() < end:
+            try:
+                await _session(port, rng.choice(users), rng, tally)
+            except (OSError, ImapError, asyncio.IncompleteReadError, ValueError):
+                tally.errors += 1
+                continue
+            if time.time() <= end:
+                tally.sessions += 1
+
+    tasks = [asyncio.create_task(loop()) for _ in range(n)]
+    await asyncio.sleep(max(0.0, end - time.time()))
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return tally
+
+
+def _worker(args: tuple[int, list[str], int, float, float, int]) -> dict[str, Any]:
+    return asdict(asyncio.run(_clients(*args)))
+
+
+async def _clear_seen(port: int, users: list[str]) -> None:
+    for user in users:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        await reader.readline()
+        c = Client(reader, writer)
+        await c.command(b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
+        await c.command(b"SELECT INBOX")
+        await c.command(rb"STORE 1:* -FLAGS.SILENT (\Seen)")
+        await c.command(b"LOGOUT")
+        writer.close()
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return 1000 * xs[min(len(xs) - 1, int(len(xs) * q))] if xs else 0.0
+
+
+def load(port: int, users: list[str], clients: int, duration: float, procs: int) -> dict[str, Any]:
+    """``clients`` concurrent sessions for ``duration`` seconds from ``procs`` processes."""
+    asyncio.run(_clear_seen(port, users))
+    procs = max(1, min(procs, clients))
+    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    start = time.time() + 0.5
+    end = start + duration
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(procs) as pool:
+        parts = pool.map(_worker, [(port, users, k, start, end, SEED + i) for i, k in enumerate(shares)])
+    total = {k: sum(p[k] for p in parts) for k in ("sessions", "commands", "errors", "octets")}
+    out: dict[str, Any] = {
+        "commands_s": total["commands"] / duration,
+        "sessions_s": total["sessions"] / duration,
+        "errors": total["errors"],
+    }
+    for name in COMMANDS:
+        lat = sorted(x for p in parts for x in p["latencies"][name])
+        out[f"{name} p50"] = _pct(lat, 0.50)
+        out[f"{name} p99"] = _pct(lat, 0.99)
+    return out
+
+
+def measure(name: str, port: int, users: list[str], args: argparse.Namespace) -> dict[int, dict[str, float]]:
+    load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # warm-up: caches, auth
+    out: dict[int, dict[str, float]] = {}
+    for clients in args.clients:
+        runs = [load(port, users, clients, args.duration, args.procs) for _ in range(args.runs)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        med["commands_s_min"] = min(r["commands_s"] for r in runs)
+        med["commands_s_max"] = max(r["commands_s"] for r in runs)
+        out[clients] = med
+        print(
+            f"  {name:<16} {clients:>3} clients: {med['commands_s']:7.0f} commands/s "
+            f"({med['commands_s_min']:.0f}-{med['commands_s_max']:.0f})  {med['sessions_s']:6.1f} sessions/s  "
+            f"errors {med['errors']:.0f}",
+            flush=True,
+        )
+        print(
+            "      p50/p99 ms: " + "  ".join(f"{c} {med[c + ' p50']:.1f}/{med[c + ' p99']:.1f}" for c in COMMANDS),
+            flush=True,
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny and fast (CI): 4 users x 60 messages, 1.5 s")
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per measured run")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="load-generator processes")
+    ap.add_argument("--workers", type=int, default=0, help="Postroom workers (0: one per core)")
+    ap.add_argument("--peer", choices=["all", "perf", "stock", "none"], default="perf")
+    ap.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors" / "dovecot")
+    args = ap.parse_args()
+    if args.quick:
+        args.users, args.messages, args.duration, args.runs, args.clients = 4, 60, 1.5, 1, [8]
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(
+        f"IMAP load: {args.users} users x {args.messages} messages, clients {args.clients}, "
+        f"{args.runs} x {args.duration:.0f} s, {args.procs} generator processes, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    data_dir = prepare_postroom(args.users, args.messages)
+    port = free_port()
+    proc, _ = start_postroom(data_dir, port, args.workers)
+    try:
+        users = [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)]
+        results["postroom"] = measure("postroom", port, users, args)
+    finally:
+        stop(proc)
+
+    variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
+    if variants:
+        prepared = prepare_dovecot(args.anchors, args.users, args.messages)
+        if isinstance(prepared, str):
+            print(f"  dovecot skipped: {prepared}", flush=True)
+        else:
+            stock_conf, perf_conf, dport = prepared
+            for variant in variants:
+                pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
+                try:
+                    index_dovecot(stock_conf)
+                    users = [f"user{u:02d}" for u in range(1, args.users + 1)]
+                    results[f"dovecot-{variant}"] = measure(f"dovecot-{variant}", dport, users, args)
+                finally:
+                    stop_dovecot(pid)
+
+    mine = results["postroom"]
+    for peer in ("dovecot-perf", "dovecot-stock"):
+        if peer in results:
+            for clients, r in mine.items():
+                ratio = r["commands_s"] / results[peer][clients]["commands_s"]
+                print(f"  postroom / {peer} commands/s at {clients} clients: {ratio:.2f}x", flush=True)
+    (OUT / ("result-quick.json" if args.quick else "result.json")).write_text(json.dumps(results, indent=2))
+    if any(r["errors"] for res in results.values() for r in res.values()):
+        print("  note: some sessions failed (see errors above)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
