@@ -82,6 +82,11 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
+    def jobs(self) -> list[str]:
+        """The job ids in this ledger, oldest first."""
+        cur = self._db.execute("SELECT job FROM message GROUP BY job ORDER BY min(rowid)")
+        return [str(r[0]) for r in cur.fetchall()]
+
     def rows(self, job: str) -> list[Row]:
         cur = self._db.execute("SELECT * FROM message WHERE job = ? ORDER BY seq", (job,))
         return [_row(r) for r in cur.fetchall()]

@@ -113,9 +113,12 @@ def _chunks(count: int, workers: int) -> list[tuple[int, int]]:
 
 
 def pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool; ``fork`` where available (fast start, nothing to re-import)."""
+    """A process pool. ``forkserver`` where available: workers start from a clean single-threaded process,
+    so forking while the sender's event loop and threads run cannot copy a held lock into a worker."""
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["postroom.burst.produce"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
 
