@@ -128,11 +128,13 @@ class Listener:
         self.server: asyncio.Server | None = None
         self.per_ip: dict[str, int] = {}
         self.refused = 0  # connections turned away by a limit, for tests and metrics
+        self._port: int | None = None
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
+        """The port listened on (the real one when ``spec.port`` was 0); still known after close."""
+        assert self._port is not None, "Listener.port before start()"
+        return self._port
 
     def _factory(self) -> Connection:
         return _ServedConnection(self)
@@ -157,6 +159,7 @@ class Listener:
             sock.close()
             where = _describe(self.spec.host, self.spec.port)
             raise ListenError(f"cannot listen on {where} for {self.spec.service}: {_why(exc)}") from None
+        self._port = int(self.server.sockets[0].getsockname()[1])
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -248,8 +251,6 @@ class _ServedConnection(Connection):
         except (ConnectionError, TimeoutError):
             pass
         except Exception:
-            log.exception(
-                "%s session %s from %s failed", self.listener.spec.service, self.conn_id, self.peer[0]
-            )
+            log.exception("%s session %s from %s failed", self.listener.spec.service, self.conn_id, self.peer[0])
         finally:
             self.close()
