@@ -78,7 +78,7 @@ async def sender(port: int, prefix: str, acked: list[str], stop: asyncio.Event) 
         try:
             await reader.readline()
             writer.write(b"EHLO load.test\r\n")
-            while not (await reader.readline())[3:4] == b" ":
+            while (await reader.readline())[3:4] != b" ":
                 pass
             while not stop.is_set():
                 tag = f"{prefix}-{n}"
