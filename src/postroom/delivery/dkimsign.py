@@ -105,6 +105,12 @@ def load_keys(data_dir: Path, domain: str, selector: str) -> list[DkimKey]:
     return keys
 
 
+def zone_line(name: str, value: str, ttl: int = 3600) -> str:
+    """A zone-file TXT line, the value split into the <= 255-octet strings DNS needs (RFC 1035 §3.3.14)."""
+    parts = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+    return f"{name}. {ttl} IN TXT {parts}"
+
+
 def from_domain(message: bytes) -> str:
     """The domain of the first From: address, lower-cased, or ""."""
     end = message.find(b"\r\n\r\n")
