@@ -124,6 +124,8 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                     ok = False
                 clog.info("%s QUIT: %d messages removed", session.username, len(removed))
                 session.update_result(len(removed), ok)
+                if lock is not None:  # released before the goodbye, so the client's next login finds it free
+                    lock.release()
                 await _flush(conn, session)
                 return
             elif type(event) is StartTls:
@@ -137,6 +139,8 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                 session.tls_started()
             else:
                 assert type(event) is Close
+                if lock is not None:
+                    lock.release()
                 await _flush(conn, session)
                 return
     finally:

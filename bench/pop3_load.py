@@ -1,0 +1,516 @@
+#!/usr/bin/env python3
+"""POP3 load: Postroom beside Dovecot (stock and high-performance process modes), same mail, one run.
+
+Each session: connect, USER, PASS, STAT, UIDL, 20 x RETR of random messages, QUIT (25 commands), a new
+connection per session, a random user of ``--users``. ``--clients`` concurrent sessions are spread over a
+few load-generator processes (lean asyncio clients, one command at a time like poplib). Reported:
+sessions/s, commands/s, RETR/s and Postroom's ratio to each Dovecot variant, median of ``--runs``.
+
+Both servers hold the same mail: ``--users`` users x ``--messages`` messages of 4.5-5.7 KB (Postroom: its
+SQLite store through the store API; Dovecot: Maildir, indexed with ``doveadm index``). Dovecot is configured
+from the reference peers' files (``../shared/anchors/dovecot/`` beside the repository, or ``--anchors``),
+rewritten to run self-contained under ``bench/out/pop3`` on free loopback ports; it is skipped (with a
+note) when not installed. Only 127.0.0.1 is used.
+
+    python bench/pop3_load.py            # full: 50 users x 1,000 messages, 8 and 32 clients, 3 runs
+    python bench/pop3_load.py --quick    # a few seconds; CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "pop3"
+PASSWORD = "benchpass"
+DOMAIN = "bench.test"
+RETR_PER_SESSION = 20
+COMMANDS_PER_SESSION = 5 + RETR_PER_SESSION  # USER PASS STAT UIDL 20xRETR QUIT
+SEED = 1939
+
+
+# -- the mail ------------------------------------------------------------------------------------
+def make_message(rng: random.Random, user: int, n: int) -> bytes:
+    """One message of 4.5-5.7 KB with CRLF line endings (a few body lines start with a dot)."""
+    words = ("invoice", "statement", "account", "payment", "total", "period", "balance", "reference", "due")
+    head = (
+        f"From: Sender {n % 17} <sender{n % 17}@example.net>\r\n"
+        f"To: user{user:02d}@{DOMAIN}\r\n"
+        f"Subject: Statement {n} for user{user:02d}\r\n"
+        f"Date: Thu, 26 Nov 2026 12:{n % 60:02d}:00 +0000\r\n"
+        f"Message-ID: <{user}.{n}@bench.example.net>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    target = rng.randint(4500, 5700)
+    lines: list[bytes] = []
+    size = len(head)
+    while size < target:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(6, 11)))
+        if rng.random() < 0.03:
+            line = "." + line
+        data = line.encode() + b"\r\n"
+        lines.append(data)
+        size += len(data)
+    return head + b"".join(lines)
+
+
+def corpus(user: int, count: int) -> list[bytes]:
+    rng = random.Random(SEED * 1000 + user)
+    return [make_message(rng, user, n) for n in range(count)]
+
+
+# -- Postroom ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            if s.recv(64).startswith(b"+OK"):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+async def _fill_postroom(data_dir: Path, users: int, messages: int) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from postroom.auth.passwords import hash_password
+    from postroom.store.api import AppendTarget
+    from postroom.store.sqlite import open_store
+
+    store = open_store(f"sqlite:///{(data_dir / 'store').resolve()}")
+    await store.open()
+    try:
+        await store.add_domain(DOMAIN)
+        pw_hash = hash_password(PASSWORD)
+        sem = asyncio.Semaphore(64)
+        for u in range(1, users + 1):
+            acct = await store.create_account(f"user{u:02d}@{DOMAIN}", pw_hash)
+            inbox = await store.get_mailbox(acct.id, "INBOX")
+            assert inbox is not None
+            target = [AppendTarget(inbox.id)]
+
+            async def one(raw: bytes, target: list[AppendTarget] = target) -> None:
+                async with sem:
+                    await store.append(raw, target)
+
+            await asyncio.gather(*(one(raw) for raw in corpus(u, messages)))
+    finally:
+        await store.close()
+
+
+def prepare_postroom(users: int, messages: int) -> Path:
+    data_dir = OUT / f"postroom-{users}x{messages}"
+    marker = data_dir / "complete"
+    if marker.exists():
+        return data_dir
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    asyncio.run(_fill_postroom(data_dir, users, messages))
+    marker.write_text("ok\n")
+    print(f"  postroom store: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
+    return data_dir
+
+
+def start_postroom(data_dir: Path, port: int, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+    config = data_dir / "bench.toml"
+    config.write_text(
+        f'hostname = "{DOMAIN}"\ndata_dir = "{data_dir}"\ndomains = ["{DOMAIN}"]\nworkers = {workers}\n'
+        'log_level = "WARNING"\n'
+        f'[listeners]\npop3 = ["127.0.0.1:{port}"]\n'
+        "smtp = []\nsubmission = []\nsubmissions = []\npop3s = []\nimap = []\nimaps = []\nhttp = []\n"
+        # Dovecot's bench users are {PLAIN}: no hashing cost at all. Postroom verifies argon2id once per
+        # user and worker, then serves logins from its verified-credential cache (like auth_cache).
+        "[auth]\nallow_plaintext_on_loopback = true\ncache_ttl = 3600.0\n"
+    )
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "postroom", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    wait_port(port, proc)
+    return proc, config
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- Dovecot -------------------------------------------------------------------------------------
+def mail_owner() -> tuple[str, str, int, int]:
+    """The uid Dovecot's mail processes run as: the anchors' ``vmail`` when it exists, else ``nobody``."""
+    import grp
+    import pwd
+
+    for user in ("vmail", "nobody"):
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(user)
+            return user, grp.getgrgid(pw.pw_gid).gr_name, pw.pw_uid, pw.pw_gid
+    raise RuntimeError("no vmail or nobody user")
+
+
+def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Path, int] | str:
+    """Write the Maildirs and both configs. Returns (stock conf, perf conf, port) or why it is skipped."""
+    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
+        return "dovecot not installed"
+    if os.geteuid() != 0:
+        return "dovecot needs root to start its mail processes"
+    stock_src, perf_src = anchors / "dovecot.conf", anchors / "dovecot-perf.conf"
+    if not stock_src.exists() or not perf_src.exists():
+        return f"no Dovecot anchor configs in {anchors}"
+    user, group, uid, gid = mail_owner()
+    base = OUT / f"dovecot-{users}x{messages}"
+    port = free_port()
+    mail = base / "vmail"
+    run = base / "run"
+    for d in (OUT, base, run):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
+    users_file = base / "users"
+    users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
+    users_file.chmod(0o644)
+    conf = stock_src.read_text()
+    replacements = {
+        "protocols = imap pop3": "protocols = pop3",
+        "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
+        "instance_name = dovecot-bench": "instance_name = dovecot-bench-pop3",
+        "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot.log",
+        "/etc/dovecot-bench/users": str(users_file),
+        "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
+        "port = 10110": f"port = {port}",
+        "port = 10143": "port = 0",
+    }
+    for old, new in replacements.items():
+        if old not in conf:
+            return f"anchor dovecot.conf changed: {old!r} not found"
+        conf = conf.replace(old, new)
+    if uid < 5000:
+        conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
+    stock = base / "dovecot.conf"
+    stock.write_text(conf)
+    perf_text = perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
+    perf = base / "dovecot-perf.conf"
+    perf.write_text(perf_text)
+    marker = base / "complete"
+    if not marker.exists():
+        t0 = time.monotonic()
+        shutil.rmtree(mail, ignore_errors=True)
+        host = socket.gethostname()
+        for u in range(1, users + 1):
+            md = mail / f"user{u:02d}" / "Maildir"
+            for sub in ("cur", "new", "tmp"):
+                (md / sub).mkdir(parents=True)
+            now = int(time.time())
+            for n, raw in enumerate(corpus(u, messages)):
+                data = raw.replace(b"\r\n", b"\n")  # Maildir stores LF; Dovecot sends CRLF
+                # Maildir++ S= (physical) and W= (virtual, CRLF) sizes: what Dovecot's perf guides advise.
+                (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
+        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
+        mail.chmod(0o755)
+        pid = start_dovecot(stock, port)  # doveadm asks the running instance's auth for the user list
+        try:
+            res = subprocess.run(
+                ["doveadm", "-c", str(stock), "index", "-A", "INBOX"], capture_output=True, text=True, check=False
+            )
+        finally:
+            stop_dovecot(pid)
+        if res.returncode != 0:
+            return f"doveadm index failed: {res.stderr.strip()[:200]}"
+        marker.write_text("ok\n")
+        print(f"  dovecot maildirs: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
+    return stock, perf, port
+
+
+def start_dovecot(conf: Path, port: int) -> int:
+    """Start Dovecot (it daemonizes); returns the master's pid."""
+    subprocess.run(["dovecot", "-c", str(conf)], check=True)
+    pidfile = conf.parent / "run" / "master.pid"
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text().strip())
+    wait_port(port, None)
+    return pid
+
+
+def stop_dovecot(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+# -- the load generator --------------------------------------------------------------------------
+@dataclass
+class Tally:
+    sessions: int = 0
+    commands: int = 0
+    retrs: int = 0
+    octets: int = 0
+    errors: int = 0
+    last_error: str = ""
+    latencies: list[float] = field(default_factory=list)
+
+
+class Pop3Error(Exception):
+    pass
+
+
+async def _session(port: int, user: str, rng: random.Random, tally: Tally) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        readline, readuntil, write = reader.readline, reader.readuntil, writer.write
+
+        async def single(line: bytes) -> bytes:
+            write(line)
+            resp = await readline()
+            if not resp.startswith(b"+OK"):
+                raise Pop3Error(resp[:80])
+            tally.commands += 1
+            return resp
+
+        async def multi(line: bytes) -> bytes:
+            write(line)
+            resp = await readuntil(b"\n.\r\n")  # the status line and the dot-stuffed body
+            if not resp.startswith(b"+OK"):
+                raise Pop3Error(resp[:80])
+            tally.commands += 1
+            return resp
+
+        if not (await readline()).startswith(b"+OK"):
+            raise Pop3Error("greeting")
+        await single(b"USER " + user.encode() + b"\r\n")
+        await single(b"PASS " + PASSWORD.encode() + b"\r\n")
+        count = int((await single(b"STAT\r\n")).split()[1])
+        await multi(b"UIDL\r\n")
+        for _ in range(RETR_PER_SESSION):
+            body = await multi(b"RETR %d\r\n" % rng.randint(1, count))
+            tally.retrs += 1
+            tally.octets += len(body)
+        await single(b"QUIT\r\n")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _clients(port: int, slots: list[list[str]], start: float, end: float, seed: int) -> Tally:
+    """One concurrent client per entry of ``slots``, each cycling through its own users."""
+    tally = Tally()
+    rng = random.Random(seed)
+    await asyncio.sleep(max(0.0, start - time.time()))
+
+    async def loop(users: list[str]) -> None:
+        while time.time() < end:
+            t0 = time.perf_counter()
+            try:
+                await _session(port, rng.choice(users), rng, tally)
+            except (OSError, Pop3Error, asyncio.IncompleteReadError, ValueError) as exc:
+                tally.errors += 1
+                tally.last_error = repr(exc)[:120]
+                continue
+            if time.time() <= end:
+                tally.sessions += 1
+                tally.latencies.append(time.perf_counter() - t0)
+
+    tasks = [asyncio.create_task(loop(users)) for users in slots]
+    await asyncio.sleep(max(0.0, end - time.time()))
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return tally
+
+
+def _worker(args: tuple[int, list[list[str]], float, float, int]) -> dict[str, Any]:
+    return asdict(asyncio.run(_clients(*args)))
+
+
+def load(port: int, users: list[str], clients: int, duration: float, procs: int) -> dict[str, Any]:
+    """``clients`` concurrent sessions for ``duration`` seconds from ``procs`` processes; rates per second.
+
+    Client ``i`` logs in only as ``users[i::clients]``: a POP3 maildrop is locked per session (RFC 1939 §4),
+    so two clients never ask for the same maildrop at once (and both servers see the same pattern).
+    """
+    if len(users) < clients:
+        raise SystemExit(f"need at least as many users ({len(users)}) as clients ({clients})")
+    slots = [users[i::clients] for i in range(clients)]
+    procs = max(1, min(procs, clients))
+    start = time.time() + 0.5
+    end = start + duration
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(procs) as pool:
+        parts = pool.map(_worker, [(port, slots[i::procs], start, end, SEED + i) for i in range(procs)])
+    lat = sorted(x for p in parts for x in p["latencies"])
+    total = {k: sum(p[k] for p in parts) for k in ("sessions", "commands", "retrs", "octets", "errors")}
+    return {
+        "sessions_s": total["sessions"] / duration,
+        "commands_s": total["commands"] / duration,
+        "retr_s": total["retrs"] / duration,
+        "mb_s": total["octets"] / duration / 1e6,
+        "errors": total["errors"],
+        "last_error": next((p["last_error"] for p in parts if p["last_error"]), ""),
+        "session_p50_ms": 1000 * lat[len(lat) // 2] if lat else 0.0,
+        "session_p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else 0.0,
+    }
+
+
+async def _login_once(port: int, user: str) -> float:
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for line in (b"", b"USER " + user.encode() + b"\r\n", b"PASS " + PASSWORD.encode() + b"\r\n"):
+            writer.write(line)
+            if not (await reader.readline()).startswith(b"+OK"):
+                raise Pop3Error(f"warm-up login of {user} failed")
+        writer.write(b"QUIT\r\n")
+        await reader.readline()
+    finally:
+        writer.close()
+    return time.perf_counter() - t0
+
+
+async def _warm_up(port: int, users: list[str], fast: float = 0.03, streak: int = 8) -> None:
+    """Log every user in until ``streak`` logins in a row take under ``fast`` seconds: by then each server
+    process has verified the password once and answers from its cache (Postroom's argon2id verification
+    costs ~0.1-0.5 s once per user and worker; Dovecot's {PLAIN} users cost nothing)."""
+    sem = asyncio.Semaphore(os.cpu_count() or 2)
+
+    async def one(user: str) -> None:
+        run = 0
+        for _ in range(200):
+            async with sem:
+                took = await _login_once(port, user)
+            run = run + 1 if took < fast else 0
+            if run >= streak:
+                return
+
+    await asyncio.gather(*(one(u) for u in users))
+
+
+def measure(name: str, port: int, users: list[str], args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    t0 = time.monotonic()
+    asyncio.run(_warm_up(port, users))
+    load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # caches, page cache, indexes
+    print(f"  {name:<16} warmed up in {time.monotonic() - t0:.1f} s", flush=True)
+    out: dict[int, dict[str, Any]] = {}
+    for clients in args.clients:
+        runs = [load(port, users, clients, args.duration, args.procs) for _ in range(args.runs)]
+        med: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "last_error"}
+        med["last_error"] = next((r["last_error"] for r in runs if r["last_error"]), "")
+        med["retr_s_min"] = min(r["retr_s"] for r in runs)
+        med["retr_s_max"] = max(r["retr_s"] for r in runs)
+        out[clients] = med
+        print(
+            f"  {name:<16} {clients:>3} clients: {med['retr_s']:8.0f} RETR/s  {med['sessions_s']:6.1f} sessions/s  "
+            f"{med['commands_s']:8.0f} commands/s  p50 {med['session_p50_ms']:.0f} ms  errors {med['errors']:.0f}"
+            + (f" (last: {med['last_error']})" if med["last_error"] else ""),
+            flush=True,
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny and fast (CI): 4 users x 40 messages, 4 clients, 1 s, perf Dovecot only",
+    )
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32])
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per measured run")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="load-generator processes")
+    ap.add_argument("--workers", type=int, default=0, help="Postroom workers (0: one per core)")
+    ap.add_argument("--peer", choices=["all", "perf", "stock", "none"], default="all")
+    ap.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors" / "dovecot")
+    args = ap.parse_args()
+    if args.quick:
+        args.users, args.messages, args.duration, args.runs, args.clients = 4, 40, 1.0, 1, [4]
+        args.workers = 1  # one argon2id verification per user to warm up, not one per user and worker
+        if args.peer == "all":
+            args.peer = "perf"
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(
+        f"POP3 load: {args.users} users x {args.messages} messages, clients {args.clients}, "
+        f"{args.runs} x {args.duration:.0f} s, {args.procs} generator processes, {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+
+    data_dir = prepare_postroom(args.users, args.messages)
+    port = free_port()
+    proc, _ = start_postroom(data_dir, port, args.workers)
+    try:
+        users = [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)]
+        results["postroom"] = measure("postroom", port, users, args)
+    finally:
+        stop(proc)
+
+    variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
+    if variants:
+        prepared = prepare_dovecot(args.anchors, args.users, args.messages)
+        if isinstance(prepared, str):
+            print(f"  dovecot skipped: {prepared}", flush=True)
+        else:
+            stock_conf, perf_conf, dport = prepared
+            for variant in variants:
+                pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
+                try:
+                    users = [f"user{u:02d}" for u in range(1, args.users + 1)]
+                    results[f"dovecot-{variant}"] = measure(f"dovecot-{variant}", dport, users, args)
+                finally:
+                    stop_dovecot(pid)
+
+    mine = results["postroom"]
+    for peer in ("dovecot-perf", "dovecot-stock"):
+        if peer in results:
+            for clients, r in mine.items():
+                ratio = r["retr_s"] / results[peer][clients]["retr_s"]
+                print(f"  postroom / {peer} RETR/s at {clients} clients: {ratio:.2f}x", flush=True)
+    (OUT / ("result-quick.json" if args.quick else "result.json")).write_text(json.dumps(results, indent=2))
+    if any(r["errors"] for res in results.values() for r in res.values()):
+        print("  note: some sessions failed (see errors above)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
