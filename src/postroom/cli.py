@@ -331,9 +331,14 @@ def _add_extensions(sub: Any) -> None:
             print(f"postroom: warning: {module_name} failed to load: {exc}", file=sys.stderr)
             continue
         before = set(sub.choices)
-        module.add_parser(sub)
+        try:
+            module.add_parser(sub)
+            run = module.run
+        except Exception as exc:
+            print(f"postroom: warning: {module_name} cannot add its commands: {exc}", file=sys.stderr)
+            continue
         for name in set(sub.choices) - before:
-            sub.choices[name].set_defaults(_run=module.run)
+            sub.choices[name].set_defaults(_run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
