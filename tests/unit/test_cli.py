@@ -195,7 +195,7 @@ def test_set_overrides_reach_the_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "elsewhere"
-    code, out, _ = run(capsys, monkeypatch, "domain", "add", "x.test", "--set", f"data_dir={data}")
+    code, _, _ = run(capsys, monkeypatch, "domain", "add", "x.test", "--set", f"data_dir={data}")
     assert code == 0 and (data / "store").is_dir()
     args = argparse.Namespace(config=None, set=["smtp.max_recipients=7", 'domains=["a.test"]'])
     cfg = cli.load_config(args)
