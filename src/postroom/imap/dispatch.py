@@ -75,6 +75,8 @@ UID: dict[str, Handler] = {
     "EXPUNGE": cmd_store.expunge,
     "SEARCH": cmd_search.search,
 }
+#: Commands during which EXPUNGE must not be sent (RFC 9051 §7.5.1); their UID forms may send it.
+NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH"})
 TABLES: dict[State, dict[str, Handler]] = {
     State.NOT_AUTH: NOT_AUTH,
     State.AUTH: AUTH,
@@ -104,6 +106,8 @@ async def execute(s: Session, cmd: Command) -> Outcome:
             reason = f"{name[:20]} not allowed in the {s.state.value} state" if known else "Unknown command"
             s.tagged(tag, "BAD", reason)
             return Outcome.NONE
+        if s.view is not None and s.view.gone and (uid or name not in NO_EXPUNGE):
+            s.announce_expunges()  # deferred expunges go out before this command's own responses
         outcome = await handler(s, tag, args, uid)
         return outcome or Outcome.NONE
     except No as exc:

@@ -34,7 +34,7 @@ from typing import Any
 
 from postroom.mime.headers import decode_words, envelope, param, parse_date, parse_fields, parse_params
 
-STRUCTURE_VERSION = 2
+STRUCTURE_VERSION = 3
 
 MAX_DEPTH = 32  # MIME nesting levels analysed; deeper parts are leaves (bounds recursion on hostile input)
 MAX_TEXT = 512 * 1024  # characters of searchable text kept per message
@@ -124,8 +124,9 @@ class _Analyzer:
             t, s = "", ""
         if not t or not s:
             t, _, s = default_type.partition("/")
-            if not first.get("content-type") or not params:
-                params = [["charset", "us-ascii"]] if t == "text" else []
+            params = []
+        if t == "text" and param(params, "charset") is None:
+            params = [["charset", "us-ascii"], *params]  # RFC 2045 §5.2 default
         disp_raw = first.get("content-disposition")
         disp: list[Any] | None = None
         if disp_raw:

@@ -1,0 +1,267 @@
+"""Transcripts of the sans-I/O IMAP core against the in-memory store: send this line, expect these
+responses. No event loop: every coroutine is driven to completion by ``run``."""
+
+from __future__ import annotations
+
+import base64
+
+from tests.unit.imap_fake_store import Account, FakeStore, run
+
+from postroom.imap.core import Session
+from postroom.imap.dispatch import execute
+from postroom.imap.limits import ImapConfig
+from postroom.imap.reader import Command, CommandReader, ContinueLiteral, LiteralRejected, Malformed
+
+PLAIN = b"From: Bob <bob@example.test>\r\nSubject: first\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\n\r\nhello world\r\n"
+MULTI = (
+    b'Subject: mixed\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n'
+    b"--B\r\nContent-Type: text/plain\r\n\r\npart one\r\n"
+    b"--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\naGk=\r\n"
+    b"--B--\r\n"
+)
+
+
+class Client:
+    """One session over the fake store; ``cmd`` returns the response lines of one command."""
+
+    def __init__(self, store: FakeStore, tls: bool = True, login: bool = True) -> None:
+        self.out = bytearray()
+        self.lines_in: list[bytes] = []
+        self.reader = CommandReader(max_line=8192, max_literal=10_000)
+
+        async def auth(user: str, password: str, ip: str) -> Account | None:
+            return store.account if (user, password) == ("alice@example.test", "pw") else None
+
+        self.session = Session(
+            store=store,
+            append=store.append_one,
+            authenticate=auth,
+            io=self,
+            config=ImapConfig(max_line=8192, max_literal=10_000, append_limit=10_000),
+            peer_ip="192.0.2.1",
+            tls=tls,
+            starttls=not tls,
+            plaintext_ok=False,
+        )
+        if login:
+            assert self.cmd('l LOGIN alice@example.test "pw"')[-1].startswith("l OK")
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    async def drain(self) -> None:
+        return None
+
+    async def read_line(self) -> bytes | None:
+        return self.lines_in.pop(0) if self.lines_in else None
+
+    def send(self, data: bytes) -> list[str]:
+        self.reader.receive_data(data)
+        while (ev := self.reader.next_event()) is not None:
+            if isinstance(ev, Command):
+                run(execute(self.session, ev))
+                self.session.flush()
+            elif isinstance(ev, ContinueLiteral):
+                self.out += b"+ Ready\r\n"
+            elif isinstance(ev, LiteralRejected):
+                self.out += f"{ev.tag} NO [TOOBIG] too large\r\n".encode()
+            elif isinstance(ev, Malformed):
+                self.out += f"{ev.tag} BAD {ev.reason}\r\n".encode()
+        text = bytes(self.out).decode("utf-8", "replace")
+        self.out.clear()
+        return text.split("\r\n")[:-1]
+
+    def cmd(self, line: str) -> list[str]:
+        return self.send(line.encode() + b"\r\n")
+
+
+def test_capabilities_and_logindisabled_without_tls() -> None:
+    c = Client(FakeStore(), tls=False, login=False)
+    caps = c.cmd("a CAPABILITY")
+    assert "STARTTLS" in caps[0] and "LOGINDISABLED" in caps[0] and "AUTH=PLAIN" not in caps[0]
+    assert c.cmd('b LOGIN alice@example.test "pw"') == ["b NO [PRIVACYREQUIRED] LOGIN needs TLS first (STARTTLS)"]
+    assert c.cmd("c SELECT INBOX") == ["c BAD SELECT not allowed in the not authenticated state"]
+    assert c.cmd("d FROB") == ["d BAD Unknown command"]
+
+
+def test_login_failure_and_sasl_plain() -> None:
+    c = Client(FakeStore(), login=False)
+    assert c.cmd("a LOGIN alice@example.test wrong") == ["a NO [AUTHENTICATIONFAILED] Authentication failed"]
+    c.lines_in.append(base64.b64encode(b"\x00alice@example.test\x00pw"))
+    out = c.cmd("b AUTHENTICATE PLAIN")
+    assert out[0] == "+ " and out[1].startswith("b OK [CAPABILITY IMAP4rev1")
+    assert "IDLE" in out[1]
+
+
+def test_select_transcript() -> None:
+    store = FakeStore()
+    store.deliver("INBOX", PLAIN, ["\\Seen"])
+    store.deliver("INBOX", MULTI, ["$Work"])
+    c = Client(store)
+    assert c.cmd("s SELECT inbox") == [
+        "* 2 EXISTS",
+        "* 0 RECENT",
+        "* OK [UNSEEN 2] First unseen",
+        "* OK [UIDVALIDITY 1000] UIDs valid",
+        "* OK [UIDNEXT 3] Predicted next UID",
+        "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)",
+        "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work \\*)] Limited",
+        "* OK [HIGHESTMODSEQ 3] Highest",
+        "s OK [READ-WRITE] SELECT completed",
+    ]
+    assert c.cmd("t FETCH 1:* (UID FLAGS RFC822.SIZE)") == [
+        f"* 1 FETCH (UID 1 FLAGS (\\Seen) RFC822.SIZE {len(PLAIN)})",
+        f"* 2 FETCH (UID 2 FLAGS ($Work) RFC822.SIZE {len(MULTI)})",
+        "t OK FETCH completed",
+    ]
+    assert c.cmd("u FETCH 3 FLAGS") == ["u BAD Invalid message sequence number"]
+
+
+def test_fetch_sections_and_structure() -> None:
+    store = FakeStore()
+    store.deliver("INBOX", MULTI)
+    c = Client(store)
+    c.cmd("s EXAMINE INBOX")
+    assert c.cmd("a FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.MIME] BINARY.PEEK[2] BINARY.SIZE[2])") == [
+        "* 1 FETCH (BODY[1] {8}",
+        "part one BODY[2.MIME] {77}",
+        "Content-Type: application/octet-stream",
+        "Content-Transfer-Encoding: base64",
+        "",
+        " BINARY[2] ~{2}",
+        "hi BINARY.SIZE[2] 2)",
+        "a OK FETCH completed",
+    ]
+    out = c.cmd("b FETCH 1 BODYSTRUCTURE")
+    assert out[0] == (
+        '* 1 FETCH (BODYSTRUCTURE (("text" "plain" ("charset" "us-ascii") NIL NIL "7BIT" 8 1 NIL NIL NIL NIL)'
+        '("application" "octet-stream" NIL NIL NIL "BASE64" 4 NIL NIL NIL NIL) "mixed" ("boundary" "B") NIL NIL NIL))'
+    )
+    assert c.cmd("c FETCH 1 (BODY.PEEK[]<0.7> BODY.PEEK[9])") == [
+        "* 1 FETCH (BODY[]<0> {7}",
+        "Subject BODY[9] NIL)",
+        "c OK FETCH completed",
+    ]
+    # EXAMINE is read-only: BODY[] does not set \Seen
+    c.cmd("d FETCH 1 BODY[TEXT]")
+    assert c.cmd("e FETCH 1 FLAGS") == ["* 1 FETCH (FLAGS ())", "e OK FETCH completed"]
+
+
+def test_body_sets_seen_and_peek_does_not() -> None:
+    store = FakeStore()
+    store.deliver("INBOX", PLAIN)
+    c = Client(store)
+    c.cmd("s SELECT INBOX")
+    assert c.cmd("a FETCH 1 BODY.PEEK[HEADER.FIELDS (SUBJECT)]")[:2] == [
+        "* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {18}",
+        "Subject: first",
+    ]
+    assert c.cmd("b FETCH 1 (BODY[TEXT])") == [
+        "* 1 FETCH (BODY[TEXT] {13}",
+        "hello world",
+        " FLAGS (\\Seen))",
+        "b OK FETCH completed",
+    ]
+
+
+def test_store_is_announced_to_another_session_and_expunge_waits() -> None:
+    store = FakeStore()
+    for _ in range(3):
+        store.deliver("INBOX", PLAIN)
+    a, b = Client(store), Client(store)
+    a.cmd("s SELECT INBOX")
+    b.cmd("s SELECT INBOX")
+    assert a.cmd("x UID STORE 2 +FLAGS (\\Seen)") == ["* 2 FETCH (UID 2 FLAGS (\\Seen))", "x OK UID STORE completed"]
+    assert b.cmd("n NOOP") == ["* 2 FETCH (UID 2 FLAGS (\\Seen))", "n OK NOOP completed"]
+    a.cmd("y STORE 1 +FLAGS.SILENT (\\Deleted)")
+    assert a.cmd("z EXPUNGE") == ["* 1 EXPUNGE", "z OK EXPUNGE completed"]
+    out = b.cmd("f FETCH 1 UID")  # no EXPUNGE during FETCH; MSN 1 still addresses UID 1 here
+    assert out == ["* 1 FETCH (UID 1)", "f OK FETCH completed"]
+    assert b.cmd("g UID FETCH 1:* UID") == [
+        "* 1 EXPUNGE",
+        "* 1 FETCH (UID 2)",
+        "* 2 FETCH (UID 3)",
+        "g OK UID FETCH completed",
+    ]
+    store.deliver("INBOX", PLAIN)
+    assert b.cmd("h NOOP") == ["* 3 EXISTS", "h OK NOOP completed"]
+
+
+def test_search_keys() -> None:
+    store = FakeStore()
+    store.deliver("INBOX", PLAIN, ["\\Seen"])
+    store.deliver("INBOX", MULTI, ["\\Flagged"])
+    c = Client(store)
+    c.cmd("s SELECT INBOX")
+    assert c.cmd("a SEARCH UNSEEN")[0] == "* SEARCH 2"
+    assert c.cmd("b SEARCH OR SEEN FLAGGED")[0] == "* SEARCH 1 2"
+    assert c.cmd('c SEARCH SUBJECT "MIX"')[0] == "* SEARCH 2"
+    assert c.cmd("d SEARCH FROM bob NOT DELETED")[0] == "* SEARCH 1"
+    assert c.cmd("e UID SEARCH BODY hello")[0] == "* SEARCH 1"
+    assert c.cmd("f SEARCH SENTBEFORE 1-Jan-2000")[0] == "* SEARCH 1"
+    assert c.cmd("g SEARCH LARGER 200 2:*")[0] == "* SEARCH 2"
+    assert c.cmd("h SEARCH RETURN (MIN COUNT) ALL")[0] == '* ESEARCH (TAG "h") MIN 1 COUNT 2'
+    assert c.cmd("i SEARCH CHARSET KOI8-R ALL") == ["i NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset"]
+    assert c.cmd("j SEARCH RETURN (SAVE) FLAGGED") == ["j OK SEARCH completed"]
+    assert c.cmd("k FETCH $ UID") == ["* 2 FETCH (UID 2)", "k OK FETCH completed"]
+    c.cmd("l ENABLE IMAP4rev2")
+    assert c.cmd("m UID SEARCH ALL")[0] == '* ESEARCH (TAG "m") UID ALL 1:2'
+
+
+def test_append_copy_move_and_condstore() -> None:
+    store = FakeStore()
+    c = Client(store)
+    c.cmd("s SELECT INBOX")
+    out = c.send(b"a APPEND INBOX (\\Draft) {13}\r\n")
+    assert out == ["+ Ready"]
+    out = c.send(PLAIN[:13] + b"\r\n")
+    assert out == ["* 1 EXISTS", "a OK [APPENDUID 1000 1] APPEND completed"]
+    assert c.send(b"b APPEND INBOX {99999}\r\n") == ["b NO [TOOBIG] too large"]
+    assert c.cmd("c UID COPY 1 Sent") == ["c OK [COPYUID 1001 1 1] UID COPY completed"]
+    assert c.cmd("d UID COPY 1 Nope") == ["d NO [TRYCREATE] No such mailbox"]
+    assert c.cmd("e MOVE 1 Trash") == ["* OK [COPYUID 1002 1 1] Moved", "* 1 EXPUNGE", "e OK MOVE completed"]
+    c.cmd("f SELECT Sent (CONDSTORE)")
+    assert c.cmd("g STORE 1 (UNCHANGEDSINCE 1) +FLAGS (\\Seen)") == ["g OK [MODIFIED 1] STORE completed"]
+    out = c.cmd("h FETCH 1 (FLAGS) (CHANGEDSINCE 1)")
+    assert out[0].startswith("* 1 FETCH (FLAGS (\\Draft) MODSEQ (")
+
+
+def test_mailbox_management_and_list() -> None:
+    c = Client(FakeStore())
+    assert c.cmd("a CREATE Projects/2026") == ["a OK CREATE completed"]
+    assert c.cmd("b CREATE Projects/2026") == ["b NO [ALREADYEXISTS] Mailbox exists already"]
+    assert c.cmd('c LIST "" "*"') == [
+        '* LIST (\\HasNoChildren) "/" INBOX',
+        '* LIST (\\HasNoChildren) "/" Projects/2026',
+        '* LIST (\\HasNoChildren \\Sent) "/" Sent',
+        '* LIST (\\HasNoChildren \\Trash) "/" Trash',
+        "c OK LIST completed",
+    ]
+    assert c.cmd('d LIST "" ""') == ['* LIST (\\Noselect) "/" ""', "d OK LIST completed"]
+    assert c.cmd("e RENAME Projects/2026 Done") == ["e OK RENAME completed"]
+    assert c.cmd('f LIST (SPECIAL-USE) "" "*" RETURN (STATUS (MESSAGES))') == [
+        '* LIST (\\HasNoChildren \\Sent) "/" Sent',
+        "* STATUS Sent (MESSAGES 0)",
+        '* LIST (\\HasNoChildren \\Trash) "/" Trash',
+        "* STATUS Trash (MESSAGES 0)",
+        "f OK LIST completed",
+    ]
+    assert c.cmd("g DELETE INBOX") == ["g NO [CANNOT] INBOX cannot be deleted"]
+    assert c.cmd("h STATUS Done (MESSAGES UIDNEXT UNSEEN)") == [
+        "* STATUS Done (MESSAGES 0 UIDNEXT 1 UNSEEN 0)",
+        "h OK STATUS completed",
+    ]
+    assert c.cmd("i NAMESPACE") == ['* NAMESPACE (("" "/")) NIL NIL', "i OK NAMESPACE completed"]
+    assert c.cmd("j ENABLE CONDSTORE X") == ["* ENABLED CONDSTORE", "j OK ENABLE completed"]
+
+
+def test_bad_input_is_bad_not_a_crash() -> None:
+    c = Client(FakeStore())
+    assert c.cmd("a NOOP " + "(" * 100) == ["a BAD parentheses nested too deeply"]
+    c.cmd("s SELECT INBOX")
+    assert c.cmd("b FETCH x FLAGS")[0].startswith("b BAD")
+    assert c.cmd("c FETCH 1:* (BODY[FOO])")[0].startswith("c BAD")
+    assert c.cmd("d STORE 1 +FLAGS (\\Bogus)")[0].startswith("d BAD")
+    assert c.cmd("e SEARCH FROB")[0].startswith("e BAD")
+    assert c.send(b'f LOGIN "a\x00" b\r\n')[0].startswith("f BAD")
+    assert c.cmd("g LOGOUT") == ["* BYE Postroom logging out", "g OK LOGOUT completed"]
