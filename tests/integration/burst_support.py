@@ -204,7 +204,8 @@ class Sink:
         def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
             login = auth_data.login.decode() if isinstance(auth_data.login, bytes) else auth_data.login
             pw = auth_data.password.decode() if isinstance(auth_data.password, bytes) else auth_data.password
-            return AuthResult(success=self.users.get(login) == pw)
+            ok = self.users.get(login) == pw
+            return AuthResult(success=ok, handled=False)
 
         def factory() -> SMTP:
             return SMTP(

@@ -80,7 +80,7 @@ def explain(err: SessionError, t: Transport) -> str:
         )
     if any(isinstance(e, socket.gaierror) for e in chain) or "name or service not known" in text:
         return f"The host name {t.host!r} does not resolve. Check the spelling of the server name."
-    if "refused" in text:
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in text or "errno 111" in text:
         return (
             f"Nothing accepts connections on {where} (connection refused). Check host and port; "
             "submission is 587 (StartTLS) or 465 (SSL); some servers also listen on 2525."

@@ -226,7 +226,12 @@ async def open_session(t: Transport, password: str | None, *, timeout: float = C
             if not smtp.supports_extension("auth"):
                 raise SessionError("auth", "the server offers no AUTH on this connection")
             try:
-                await smtp.login(t.user, password or "")
+                # One mechanism only: a second try after a refusal counts as another failed login
+                # against providers' lock-out limits.
+                if "PLAIN" in smtp.server_auth_methods or "plain" in smtp.server_auth_methods:
+                    await smtp.auth_plain(t.user, password or "")
+                else:
+                    await smtp.auth_login(t.user, password or "")
             except aiosmtplib.SMTPAuthenticationError as exc:
                 raise SessionError("auth", exc.message, code=exc.code, cause=exc) from exc
     except SessionError:
