@@ -351,3 +351,28 @@ def test_long_line_and_too_many_errors(pop: RunningServer) -> None:
     tls.sendall(b"BOGUS\r\n" * 20)
     rest = list(lines)
     assert rest[-1] == b"-ERR Too many errors, closing connection"
+
+
+def test_listing_follows_changes_between_logins(pop: RunningServer) -> None:
+    """The per-worker listing cache never serves a stale maildrop: new mail and removals show up."""
+    client = ssl_client(pop)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == len(MESSAGES)
+    client.quit()
+    extra = b"Subject: late\r\n\r\narrived between sessions\r\n"
+    [uid] = deliver(pop, USER, [extra])
+    client = ssl_client(pop)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == len(MESSAGES) + 1
+    assert joined(client.retr(len(MESSAGES) + 1)[1]) == extra
+    client.quit()
+    mailbox_id, _ = inbox_id(pop, USER)
+    pop.call(pop.store.delete_messages(mailbox_id, [1, uid]))  # e.g. an IMAP client expunged them
+    client = ssl_client(pop)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    assert client.stat()[0] == len(MESSAGES) - 1
+    assert joined(client.retr(1)[1]) == MESSAGES[1]
+    client.quit()

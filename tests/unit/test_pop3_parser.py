@@ -113,3 +113,22 @@ def test_top() -> None:
     assert top(b"Subject: only header\r\n", 5) == b"Subject: only header\r\n"
     assert top(b"\r\nbody\r\n", 0) == b"\r\n"
     assert top(b"H: 1\r\n\r\nno newline at end", 3) == b"H: 1\r\n\r\nno newline at end"
+
+
+def test_maildrop_cache_keyed_by_modseq_and_bounded() -> None:
+    from postroom.pop3.events import MaildropEntry
+    from postroom.pop3.maildrop import MaildropCache
+
+    listing = tuple(MaildropEntry(uid, uid + 100, 10) for uid in range(1, 4))
+    cache = MaildropCache(limit=5)
+    assert cache.get(1, 7, 10) is None
+    cache.put(1, 7, 10, listing)
+    assert cache.get(1, 7, 10) is listing
+    assert cache.get(1, 7, 11) is None  # any append, expunge or flag change bumps HIGHESTMODSEQ
+    assert cache.get(1, 8, 10) is None  # a new UIDVALIDITY
+    cache.put(2, 7, 3, listing[:2])  # 5 entries held: at the limit
+    assert len(cache) == 2
+    cache.put(3, 7, 3, listing[:1])  # over the limit: the least recently used maildrop goes
+    assert cache.get(1, 7, 10) is None and cache.get(2, 7, 3) is not None
+    cache.put(4, 1, 1, listing * 2)  # bigger than the whole cache: not kept
+    assert cache.get(4, 1, 1) is None

@@ -36,6 +36,7 @@ from postroom.pop3.events import (
     Update,
 )
 from postroom.pop3.lock import MaildropLock
+from postroom.pop3.maildrop import MaildropCache
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,14 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
             lock.release()
 
 
+def _cache(app: App) -> MaildropCache:
+    """This worker's maildrop listing cache (one per App, i.e. per process)."""
+    cache = app.extras.get("pop3.maildrops")
+    if not isinstance(cache, MaildropCache):
+        cache = app.extras["pop3.maildrops"] = MaildropCache()
+    return cache
+
+
 async def _flush(conn: Connection, session: Pop3Session) -> None:
     out = session.data_to_send()
     if out:
@@ -173,7 +182,12 @@ async def _login(
         mailbox = await app.store.get_mailbox(account.id, "INBOX")
         if mailbox is None:
             raise NotFoundError(f"{account.address} has no INBOX")
-        metas = await app.store.messages(mailbox.id)
+        cache = _cache(app)
+        drop = cache.get(mailbox.id, mailbox.uidvalidity, mailbox.highestmodseq)
+        if drop is None:
+            metas = await app.store.messages(mailbox.id)
+            drop = tuple(MaildropEntry(m.uid, m.blob_id, m.size) for m in metas)
+            cache.put(mailbox.id, mailbox.uidvalidity, mailbox.highestmodseq, drop)
     except StoreError:
         lock.release()
         clog.exception("%s: loading the maildrop failed", account.address)
@@ -182,7 +196,6 @@ async def _login(
     except BaseException:
         lock.release()
         raise
-    drop = [MaildropEntry(m.uid, m.blob_id, m.size) for m in metas]
     clog.info("%s logged in (%s), %d messages", account.address, event.mechanism, len(drop))
     session.login_ok(account.address, drop, mailbox.uidvalidity)
     return lock, mailbox.id

@@ -52,9 +52,7 @@ class State(enum.Enum):
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"  # same for unknown user and bad password
 IN_USE = b"-ERR [IN-USE] Unable to lock maildrop: another session is using it\r\n"  # RFC 2449 §8.1.1
-PLAINTEXT_REFUSED = (
-    b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first\r\n"
-)
+PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first\r\n"
 TEMP_FAILURE = b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n"  # RFC 3206 §4
 NO_SUCH_MESSAGE = b"-ERR No such message\r\n"
 MAX_MESSAGE_NUMBER_DIGITS = 10  # a maildrop never holds 10**10 messages; bounds int() work
@@ -99,7 +97,7 @@ class Pop3Session:
         self._pending: Event | None = None
         self._user: str | None = None  # USER seen, waiting for PASS
         self._sasl: SaslExchange | None = None
-        self._drop: list[MaildropEntry] = []
+        self._drop: Sequence[MaildropEntry] = ()
         self._deleted: set[int] = set()  # message numbers marked by DELE
         self._uidvalidity = 0
         self._emit(f"+OK {implementation} POP3 server ready\r\n".encode())
@@ -155,7 +153,7 @@ class Pop3Session:
         self._finish(Authenticate)
         self.state = State.TRANSACTION
         self.username = username
-        self._drop = list(maildrop)
+        self._drop = maildrop
         self._deleted.clear()
         self._uidvalidity = uidvalidity
         count, size = self._totals()
@@ -203,9 +201,7 @@ class Pop3Session:
     def _sign_off(self, removed: int, ok: bool) -> Close:
         if ok:
             left = len(self._drop) - removed
-            self._emit(
-                f"+OK {self.implementation} POP3 server signing off ({left} messages left)\r\n".encode()
-            )
+            self._emit(f"+OK {self.implementation} POP3 server signing off ({left} messages left)\r\n".encode())
         else:
             self._emit(b"-ERR [SYS/TEMP] Some deleted messages not removed\r\n")  # RFC 1939 §6
         self.state = State.CLOSED
