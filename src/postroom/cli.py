@@ -341,7 +341,11 @@ def _add_extensions(sub: Any) -> None:
             sub.choices[name].set_defaults(_run=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: This module's own commands; running one of them does not import the extension modules (they are heavy).
+BUILTIN = frozenset({"serve", "user", "alias", "domain"})
+
+
+def build_parser(with_extensions: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="postroom", description="Postroom: burst PDFs, and serve SMTP, POP3 and IMAP."
     )
@@ -390,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         ],
         common,
     )
-    _add_extensions(sub)
+    if with_extensions:
+        _add_extensions(sub)
     return parser
 
 
@@ -404,7 +409,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(with_extensions=command not in BUILTIN).parse_args(argv)
     try:
         return int(args._run(args))
     except BrokenPipeError:
