@@ -1,0 +1,121 @@
+"""The whole path: a 300-page report for 100 customers burst through Postroom's own submission port.
+
+STARTTLS + AUTH on the server's 587 listener (on 127.0.0.1:0), the burst killed with SIGKILL mid-way and run
+again; then every customer's INBOX (read through the store API) holds exactly one message whose PDF has
+exactly their pages, with subject and body from the template.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from burst_support import Customer, expected_titles, make_report, parse, pdf_page_titles, write_job
+
+from conftest import RunningServer
+from postroom.auth.passwords import hash_password
+from postroom.burst.cli import main
+
+DEADLINE = 120.0  # seconds for the killed run to get half-way
+
+
+def people_300_pages() -> list[Customer]:
+    """100 customers, 1-5 pages each (300 pages), both syntaxes, white 1-pt and broken tags."""
+    return [
+        Customer(
+            n=i,
+            address=f"cust{i}@example.test",
+            pages=1 + i % 5,
+            syntax="native" if i % 2 else "pdfexplode",
+            style=("normal", "white", "broken")[i % 3],
+            amount=f"{i * 2.25:.2f}",
+            tag_every_page=i % 4 == 0,
+        )
+        for i in range(100)
+    ]
+
+
+def sent_count(ledger: Path) -> int:
+    if not ledger.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=5) as db:
+            return int(db.execute("SELECT count(*) FROM message WHERE status='sent'").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+@pytest.mark.slow
+def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun(
+    tmp_path: Path, server_factory: Callable[..., RunningServer]
+) -> None:
+    srv = server_factory(services=["submission"])
+    if "submission" not in srv.ports:
+        pytest.skip("postroom.smtp.adapter is not available")
+    people = people_300_pages()
+    assert sum(c.pages for c in people) == 300
+    srv.add_user("billing@example.test", "burst pw")
+    mailbox_hash = hash_password("never used")  # one hash for all: argon2 is slow on purpose
+    for c in people:
+        srv.call(srv.app.store.create_account(c.address, mailbox_hash))
+    pdf = make_report(tmp_path / "invoices.pdf", people)
+    job = write_job(tmp_path, sender="billing@example.test")
+    out = tmp_path / "out"
+    url = (
+        f"smtp+starttls://billing%40example.test@127.0.0.1:{srv.ports['submission']}?cafile={srv.cafile}&concurrency=4"
+    )
+    env = dict(os.environ, POSTROOM_SMTP_PASSWORD="burst pw")
+    cmd = [
+        sys.executable,
+        "-m",
+        "postroom.burst",
+        str(pdf),
+        "--config",
+        str(job),
+        "--transport",
+        url,
+        "--out",
+        str(out),
+        "--plain",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while sent_count(out / "ledger.sqlite") < 30:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(10)
+
+    os.environ["POSTROOM_SMTP_PASSWORD"] = "burst pw"
+    try:
+        code = main([str(pdf), "--config", str(job), "--transport", url, "--out", str(out), "--plain"])
+    finally:
+        del os.environ["POSTROOM_SMTP_PASSWORD"]
+
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        status = dict(db.execute("SELECT json_extract(recipients, '$[0]'), status FROM message").fetchall())
+    unknown = {a for a, s in status.items() if s == "unknown"}
+    assert code == (1 if unknown else 0)
+    assert len(unknown) <= 4  # only messages in flight at the kill (concurrency 4)
+    assert all(s in ("sent", "unknown") for s in status.values()), status
+    for c in people:
+        inbox = srv.inbox(c.address)
+        if c.address in unknown:  # maybe delivered before the kill; never twice
+            assert len(inbox) <= 1
+            continue
+        assert len(inbox) == 1, f"{c.address}: {len(inbox)} messages"
+        msg = parse(inbox[0])
+        assert msg["Subject"] == f"Invoice for Customer {c.n}: {c.amount} EUR"
+        body = msg.get_body(("plain",))
+        assert body is not None and f"Dear Customer {c.n}," in body.get_content()
+        assert pdf_page_titles(inbox[0]) == expected_titles(c)
