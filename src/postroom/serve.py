@@ -67,7 +67,7 @@ STORE_BACKENDS: dict[str, str] = {
     "postgres": "postroom.store.postgres:open_store",
 }
 
-DOMAIN_REFRESH = 30.0  # seconds between re-reading the store's domains in each worker
+DOMAIN_REFRESH = 10.0  # seconds between re-reading the store's domains in each worker (one small query)
 RESTART_DELAY_MAX = 30.0  # seconds; a worker that keeps crashing is restarted with a doubling delay
 MIN_UPTIME = 5.0  # seconds; a worker that died sooner counts as a crash loop
 MAX_QUICK_CRASHES = 10  # consecutive quick crashes of one worker before the server gives up

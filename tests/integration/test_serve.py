@@ -376,3 +376,26 @@ def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
     conf.write_text(f'data_dir = "{blocker}/data"\n[listeners]\nsmtp = ["127.0.0.1:0"]\n')
     line = assert_one_error_line(*run_cli("serve", "--config", str(conf), cwd=tmp_path))
     assert f"data_dir {blocker}/data" in line
+
+
+async def test_store_domains_become_local_domains(tmp_path: Path) -> None:
+    from typing import cast
+
+    from postroom import config
+    from postroom.app import App
+    from postroom.auth.service import Authenticator
+    from postroom.serve import open_configured_store, refresh_domains
+
+    cfg = config.load(write_config(tmp_path, ()))
+    store = await open_configured_store(cfg)
+    try:
+        app = App(cfg, store, Authenticator(store, cfg.auth), cast(ssl.SSLContext, None))
+        await refresh_domains(app, cfg)
+        assert app.config.is_local_domain("example.test")
+        assert not app.config.is_local_domain("added.test")
+        await store.add_domain("Added.Test")
+        await refresh_domains(app, cfg)
+        assert app.config.is_local_domain("added.test") and app.config.is_local_domain("example.test")
+        assert app.config.domains == ("example.test", "added.test")
+    finally:
+        await store.close()
