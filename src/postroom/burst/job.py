@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
@@ -332,19 +332,42 @@ async def _send_smtp(
     if opts.backoff is not None:
         kwargs["backoff_base"] = opts.backoff
     snd = Sender(t, password, **kwargs)  # type: ignore[arg-type]
-    queue: asyncio.Queue[Built | None] = asyncio.Queue(maxsize=t.limits.concurrency * 4)
     by_key = {it.msg.key: it for it in todo}
+    source = produce(opts.pdf, pdf_password, job, todo, workers=opts.workers)
+    try:
+        async with LedgerWriter(ledger, job_id) as lw:
+            with ProgressView("sending", len(todo), fancy=opts.fancy) as pv:
+                await send_built(snd, source, by_key, sender, lw, pv.update)
+    finally:
+        await snd.close()
+    return EXIT_OK
+
+
+async def send_built(
+    snd: Sender,
+    source: Iterator[Built],
+    items: Mapping[str, Item],
+    sender: str,
+    lw: LedgerWriter,
+    progress: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Send every built message from ``source`` with ``snd``'s concurrency, recording each in the ledger.
+
+    ``source`` is consumed in a thread (splitting and composing are CPU work that must not stall the
+    senders); a bounded queue keeps at most a few messages per connection waiting.
+    """
+    concurrency = snd.transport.limits.concurrency
+    queue: asyncio.Queue[Built | None] = asyncio.Queue(maxsize=concurrency * 4)
     done = 0
 
     async def feed() -> None:
-        it = iter(produce(opts.pdf, pdf_password, job, todo, workers=opts.workers))
         while True:
-            built = await asyncio.to_thread(next, it, None)
+            built = await asyncio.to_thread(next, source, None)
             await queue.put(built)
             if built is None:
                 return
 
-    async def worker(lw: LedgerWriter, pv: ProgressView) -> None:
+    async def worker() -> None:
         nonlocal done
         while True:
             got = await queue.get()
@@ -352,7 +375,7 @@ async def _send_smtp(
                 await queue.put(None)
                 return
             built = got
-            item = by_key[built.key]
+            item = items[built.key]
             rcpts = (item.to_override,) if item.to_override else item.msg.tag.recipients
             env = Envelope(
                 sender=parseaddr(item.rendered.sender)[1] or sender,
@@ -372,16 +395,9 @@ async def _send_smtp(
             outcome = await snd.send(env, mark_sending)
             await lw.update(built.key, outcome.status, outcome.reply, **meta)
             done += 1
-            pv.update(done)
+            progress(done)
 
-    try:
-        async with LedgerWriter(ledger, job_id) as lw:
-            with ProgressView("sending", len(todo), fancy=opts.fancy) as pv:
-                feeder = asyncio.create_task(feed())
-                await asyncio.gather(*(worker(lw, pv) for _ in range(t.limits.concurrency)), feeder)
-    finally:
-        await snd.close()
-    return EXIT_OK
+    await asyncio.gather(*(worker() for _ in range(concurrency)), feed())
 
 
 async def _send_drafts(

@@ -17,12 +17,14 @@ Invariants:
 
 from __future__ import annotations
 
+import atexit
 import io
 import multiprocessing
 import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pikepdf
@@ -32,7 +34,7 @@ from postroom.burst.plan import PageScan
 from postroom.burst.tags import TagError, find_tags, has_tag_marker
 from postroom.errors import PostroomError
 
-IN_PROCESS_PAGES = 64  # below this, worker start-up costs more than it saves
+IN_PROCESS_PAGES = 256  # below this, worker start-up costs more than it saves
 PAGES_PER_CHUNK = 200  # a unit of work for a scanning process; also the progress granularity
 
 
@@ -112,14 +114,31 @@ def _chunks(count: int, workers: int) -> list[tuple[int, int]]:
     return [(s, min(count, s + size)) for s in range(0, count, size)]
 
 
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
 def pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool. ``forkserver`` where available: workers start from a clean single-threaded process,
-    so forking while the sender's event loop and threads run cannot copy a held lock into a worker."""
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["postroom.burst.produce"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    """The process pool of this many workers, created once and reused by scanning and splitting.
+
+    ``forkserver`` where available: workers start from a clean single-threaded process, so starting them
+    while the sender's event loop and threads run cannot copy a held lock into a worker.
+    """
+    ex = _POOLS.get(workers)
+    if ex is None:
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(["postroom.burst.produce"])
+        ex = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        atexit.register(ex.shutdown, wait=True, cancel_futures=True)
+    return ex
+
+
+def discard_pool(workers: int) -> None:
+    """Forget a pool whose worker died (BrokenProcessPool); the next call starts a fresh one."""
+    ex = _POOLS.pop(workers, None)
+    if ex is not None:
+        ex.shutdown(wait=False, cancel_futures=True)
 
 
 def scan(
@@ -141,12 +160,16 @@ def scan(
                 progress(len(result))
         return result
     results: list[PageScan] = []
-    with pool(workers) as ex:
+    ex = pool(workers)
+    try:
         futures = [ex.submit(scan_range, path, password, a, b) for a, b in _chunks(page_count, workers)]
         for fut in futures:
             results.extend(fut.result())
             if progress:
                 progress(len(results))
+    except BrokenProcessPool:
+        discard_pool(workers)
+        raise
     return results
 
 

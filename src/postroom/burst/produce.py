@@ -15,17 +15,18 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 from postroom.burst.compose import Rendered, build
 from postroom.burst.jobconfig import JobConfig
-from postroom.burst.pdf import default_workers, iter_split, pool
+from postroom.burst.pdf import default_workers, discard_pool, iter_split, pool
 from postroom.burst.plan import PlannedMessage
 
 MESSAGES_PER_CHUNK = 32  # unit of work for one worker call
 PREFETCH_CHUNKS = 3  # per worker
-IN_PROCESS_MESSAGES = 24  # below this, worker start-up costs more than it saves
+IN_PROCESS_MESSAGES = 64  # below this, worker start-up costs more than it saves
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +77,10 @@ def produce(
         for chunk in chunks:
             yield from build_chunk(path, pdf_password, job, chunk)
         return
-    with pool(workers) as ex:
-        pending: deque[Future[list[Built]]] = deque()
-        todo = iter(chunks)
+    ex = pool(workers)
+    pending: deque[Future[list[Built]]] = deque()
+    todo = iter(chunks)
+    try:
         for chunk in todo:
             pending.append(ex.submit(build_chunk, path, pdf_password, job, chunk))
             if len(pending) >= workers * PREFETCH_CHUNKS:
@@ -89,3 +91,9 @@ def produce(
             if nxt is not None:
                 pending.append(ex.submit(build_chunk, path, pdf_password, job, nxt))
             yield from done
+    except BrokenProcessPool:
+        discard_pool(workers)
+        raise
+    finally:
+        for fut in pending:
+            fut.cancel()

@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import ssl
@@ -86,11 +87,17 @@ class Transport:
             return False
 
     def tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.cafile)
-        if not self.verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        """The client TLS context (built once per process and settings: loading the CA store is slow)."""
+        return _tls_context(self.cafile, self.verify)
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cafile: str | None, verify: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cafile)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 # Provider presets: host, port, security and published limits.
@@ -194,7 +201,7 @@ class SessionError(Exception):
 
 async def open_session(t: Transport, password: str | None, *, timeout: float = CONNECT_TIMEOUT) -> aiosmtplib.SMTP:
     """Connect, negotiate TLS as the URL says, authenticate. Raises :class:`SessionError`."""
-    ctx = t.tls_context()
+    ctx = t.tls_context() if t.security != "plain" else None
     smtp = aiosmtplib.SMTP(
         hostname=t.host,
         port=t.port,
