@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import MutableMapping
@@ -80,6 +81,54 @@ async def _inbox_for(app: App, key: str) -> int | None:
     return mailbox_id
 
 
+class _Deadline:
+    """One timer per session instead of one per read (an ``asyncio.timeout`` per read costs a timer
+    handle, a heap push and a cancel each time). ``arm(when)`` before a read, ``disarm()`` after; when
+    the timer finds an armed deadline passed it cancels the task, and :meth:`expired` claims that."""
+
+    __slots__ = ("_fired", "_handle", "_loop", "_task", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
+        self._loop = loop
+        self._task = task
+        self._when = math.inf
+        self._handle: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def arm(self, when: float) -> None:
+        self._when = when
+        handle = self._handle
+        if handle is None or handle.when() > when:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(when, self._check)
+
+    def disarm(self) -> None:
+        self._when = math.inf  # the timer stays; when it fires it finds nothing armed and stops
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._when == math.inf:
+            return
+        if self._loop.time() < self._when:
+            self._handle = self._loop.call_at(self._when, self._check)
+            return
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """True (once) when the CancelledError being handled came from this deadline."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0
+
+
 class Session:
     """One SMTP connection: the core, the connection and the decisions."""
 
@@ -104,7 +153,16 @@ class Session:
         )
 
     async def run(self) -> None:
-        core, conn = self.core, self.conn
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = _Deadline(asyncio.get_running_loop(), task)
+        try:
+            await self._loop(deadline)
+        finally:
+            deadline.close()
+
+    async def _loop(self, deadline: _Deadline) -> None:
+        core, conn, limits = self.core, self.conn, self.limits
         loop = asyncio.get_running_loop()
         seen_commands = -1
         command_deadline = 0.0
@@ -119,19 +177,26 @@ class Session:
                 now = loop.time()
                 if core.in_data:
                     if data_deadline is None:
-                        data_deadline = now + self.limits.data_deadline
-                    timeout = min(self.limits.data_timeout, data_deadline - now)
+                        data_deadline = now + limits.data_deadline
+                    until = min(now + limits.data_timeout, data_deadline)
                 else:
                     data_deadline = None
                     if core.commands != seen_commands:
                         seen_commands = core.commands
-                        command_deadline = now + self.limits.command_timeout
-                    timeout = command_deadline - now
-                try:
-                    if timeout <= 0:
-                        raise TimeoutError
-                    data = await conn.read(65536, timeout)
-                except TimeoutError:
+                        command_deadline = now + limits.command_timeout
+                    until = command_deadline
+                data = b""
+                if until > now:
+                    deadline.arm(until)
+                    try:
+                        data = await conn.read(65536)
+                    except asyncio.CancelledError:
+                        if not deadline.expired():
+                            raise
+                        until = now
+                    finally:
+                        deadline.disarm()
+                if until <= now:
                     self.log.warning("timeout, closing")
                     core.timed_out()
                     continue

@@ -1,0 +1,491 @@
+"""SMTP throughput end to end: Postroom vs Postfix vs aiosmtpd, with Postfix's ``smtp-source`` as the load.
+
+For each server and each session count (20 and 50), ``smtp-source`` sends 5 KB messages, one connection
+per message (as in ``../shared/anchors/README.md``), and the clock stops when every message is durably
+stored:
+- **Postroom** (``python -m postroom serve``, SQLite store, default workers): 250 is sent after the
+  group commit, so the run ends when ``smtp-source`` does; the stored count is checked afterwards.
+- **Postfix** (a private instance with the anchors' configuration: durable queue, virtual(8) delivery into a
+  Maildir; needs root and Debian's postfix): the run ends when the last file is in ``Maildir/new``.
+- **aiosmtpd** (``bench/_aiosmtpd_maildir.py``: Maildir write + fsync + rename + directory fsync in a
+  thread pool before 250): the run ends when ``smtp-source`` does.
+- **smtp-sink** (no storage at all): the ceiling of this load generator on this machine.
+
+While ``smtp-source`` runs, a probe connection sends messages one after another and times each final
+dot to its reply: p50/p99 of that is the "final dot" latency under load. Each peer is started and stopped
+by this script, in temporary directories, on 127.0.0.1 only. A missing peer program is reported and skipped.
+
+Usage: ``python bench/smtp_throughput.py [--quick] [--messages N] [--sessions 20,50] [--runs R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DOMAIN = "bench.test"
+RCPT = f"bench@{DOMAIN}"
+SIZE = 5120  # octets per message (smtp-source -l)
+ANCHORS = ROOT.parent / "shared" / "anchors" / "postfix"  # the reference configuration, when present
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+# -- the final-dot latency probe ------------------------------------------------------------------------
+class Probe(threading.Thread):
+    """Sends messages back to back on one connection and records final dot → reply times."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.sent = 0
+        self.error = ""
+
+    def run(self) -> None:
+        body = b"Subject: probe\r\n\r\n" + (b"p" * 78 + b"\r\n") * (SIZE // 80)
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                f = sock.makefile("rb")
+
+                def reply() -> bytes:
+                    while True:
+                        line = f.readline()
+                        if not line or line[3:4] != b"-":
+                            return line
+
+                reply()
+                sock.sendall(b"EHLO probe.test\r\n")
+                reply()
+                while not self.stop.is_set():
+                    sock.sendall(f"MAIL FROM:<probe@{DOMAIN}>\r\n".encode())
+                    reply()
+                    sock.sendall(f"RCPT TO:<{RCPT}>\r\n".encode())
+                    reply()
+                    sock.sendall(b"DATA\r\n")
+                    reply()
+                    sock.sendall(body)
+                    t0 = time.perf_counter()
+                    sock.sendall(b".\r\n")
+                    final = reply()
+                    if not final.startswith(b"250"):
+                        self.error = final.decode(errors="replace").strip()
+                        return
+                    self.latencies.append(time.perf_counter() - t0)
+                    self.sent += 1
+                sock.sendall(b"QUIT\r\n")
+        except OSError as exc:
+            self.error = str(exc)
+
+
+# -- peers ----------------------------------------------------------------------------------------------
+@dataclass
+class Peer:
+    name: str
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="smtpbench-")))
+    durable_on_250: bool = True  # False: wait for ``delivered()`` to reach the count
+
+    def available(self) -> str:
+        """ "" when the peer can run here, else why not."""
+        return ""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def delivered(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class SinkPeer(Peer):
+    def available(self) -> str:
+        return "" if shutil.which("smtp-sink") else "smtp-sink not installed (Debian package postfix)"
+
+    def start(self) -> None:
+        self.port = free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(["smtp-sink", *user, f"127.0.0.1:{self.port}", "1024"], stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+class PostroomPeer(Peer):
+    def start(self) -> None:
+        data = self.work / "data"
+        cfg = self.work / "postroom.toml"
+        cfg.write_text(
+            f'hostname = "mx.{DOMAIN}"\ndata_dir = "{data}"\ndomains = ["{DOMAIN}"]\nlog_level = "WARNING"\n'
+            '[listeners]\nsmtp = ["127.0.0.1:0"]\nsubmission = []\nsubmissions = []\npop3 = []\npop3s = []\n'
+            "imap = []\nimaps = []\nhttp = []\n"
+        )
+        if not (data / "store").exists():
+            subprocess.run(
+                [sys.executable, "-m", "postroom", "user", "add", RCPT, "--password-stdin", "--config", str(cfg)],
+                input=b"bench-password\n",
+                check=True,
+                capture_output=True,
+            )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postroom", "serve", "--config", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        ready = 0
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            m = re.search(r"listen\s+smtp\s+127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+            if "ready" in line:
+                ready += 1
+                if ready >= 1 and self.port:
+                    break
+        if not self.port:
+            raise RuntimeError("postroom did not start")
+        wait_port(self.port)
+
+    def stored(self) -> int:
+        from postroom.store.sqlite import open_store
+
+        async def count() -> int:
+            store = open_store(f"sqlite:///{self.work / 'data' / 'store'}")
+            await store.open()
+            try:
+                acct = await store.get_account(RCPT)
+                assert acct is not None
+                mb = await store.get_mailbox(acct.id, "INBOX")
+                assert mb is not None
+                return (await store.status(mb.id)).messages
+            finally:
+                await store.close()
+
+        return asyncio.run(count())
+
+
+class AiosmtpdPeer(Peer):
+    def available(self) -> str:
+        try:
+            import aiosmtpd  # noqa: F401
+        except ImportError:
+            return "aiosmtpd not installed"
+        return ""
+
+    def start(self) -> None:
+        self.maildir = self.work / "Maildir"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "_aiosmtpd_maildir.py"), str(self.maildir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        self.port = int(line.split()[1])
+        wait_port(self.port)
+
+    def delivered(self) -> int:
+        return len(os.listdir(self.maildir / "new"))
+
+
+POSTFIX_MAIN = """\
+# The anchors' benchmark configuration (../shared/anchors/postfix/main.cf), in a private instance.
+compatibility_level = 3.6
+queue_directory = {work}/spool
+data_directory = {work}/data
+command_directory = /usr/sbin
+daemon_directory = /usr/lib/postfix/sbin
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.bench.test
+mydomain = bench.test
+myorigin = $myhostname
+mydestination = localhost
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_banner = $myhostname ESMTP
+biff = no
+append_dot_mydomain = no
+alias_maps =
+alias_database =
+virtual_mailbox_domains = bench.test
+virtual_mailbox_base = {work}/vmail
+virtual_mailbox_maps = hash:{work}/etc/vmailbox
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_minimum_uid = 100
+maillog_file_prefixes = {work}
+maillog_file = {work}/postfix.log
+"""
+
+POSTFIX_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class PostfixPeer(Peer):
+    """A private Postfix instance (``postfix -c DIR``) with the anchors' settings; root only."""
+
+    durable_on_250 = False
+
+    def available(self) -> str:
+        if not shutil.which("postfix") or not Path("/usr/lib/postfix/sbin/smtpd").exists():
+            return "postfix not installed"
+        if os.geteuid() != 0:
+            return "Postfix needs root to run"
+        try:
+            pwd.getpwnam("postfix")
+        except KeyError:
+            return "no postfix user"
+        return ""
+
+    def start(self) -> None:
+        w = self.work
+        for sub in ("etc", "spool", "data", "vmail"):
+            (w / sub).mkdir(exist_ok=True)
+        vm = pwd.getpwnam("nobody")
+        pf = pwd.getpwnam("postfix")
+        os.chown(w / "vmail", vm.pw_uid, vm.pw_gid)
+        os.chown(w / "data", pf.pw_uid, pf.pw_gid)
+        os.chmod(w, 0o755)  # noqa: S103 - postfix and the mail user must reach their directories
+        self.port = free_port()
+        (w / "etc" / "main.cf").write_text(POSTFIX_MAIN.format(work=w, uid=vm.pw_uid, gid=vm.pw_gid))
+        smtpd = f"127.0.0.1:{self.port} inet n  -       n       -       -       smtpd\n"
+        (w / "etc" / "master.cf").write_text(smtpd + POSTFIX_SERVICES)
+        (w / "etc" / "vmailbox").write_text(f"{RCPT} {DOMAIN}/bench/\n")
+        conf = ["-c", str(w / "etc")]
+        subprocess.run(["postmap", *conf, str(w / "etc" / "vmailbox")], check=True, capture_output=True)
+        subprocess.run(["postfix", *conf, "check"], check=True, capture_output=True)
+        subprocess.run(["postfix", *conf, "start"], check=True, capture_output=True)
+        self.maildir = w / "vmail" / DOMAIN / "bench"
+        wait_port(self.port)
+
+    def delivered(self) -> int:
+        try:
+            return len(os.listdir(self.maildir / "new"))
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.work / "etc"), "stop"], capture_output=True, check=False)
+        deadline = time.monotonic() + 15
+        pid_file = self.work / "spool" / "pid" / "master.pid"
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+# -- one measurement ------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    peer: str
+    sessions: int
+    messages: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
+
+
+def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Result:
+    peer.start()
+    try:
+        prober = Probe(peer.port) if probe else None
+        if prober is not None:
+            prober.start()
+        t0 = time.perf_counter()
+        src = subprocess.run(
+            [
+                "smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(SIZE), "-S", "bench",
+                "-f", f"sender@{DOMAIN}", "-t", RCPT, "-M", "client.test", f"127.0.0.1:{peer.port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )  # fmt: skip
+        t_source = time.perf_counter()
+        if prober is not None:
+            prober.stop.set()
+            prober.join(60)
+        note = src.stderr.strip().splitlines()[-1] if src.returncode != 0 and src.stderr.strip() else ""
+        elapsed = t_source - t0
+        if not peer.durable_on_250:
+            want = messages + (prober.sent if prober is not None else 0)
+            deadline = time.monotonic() + 600
+            while peer.delivered() < want and time.monotonic() < deadline:
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - t0
+            if peer.delivered() < want:
+                note = f"only {peer.delivered()} of {want} delivered"
+        lat = prober.latencies if prober is not None else []
+        if prober is not None and prober.error:
+            note = note or f"probe: {prober.error}"
+        return Result(peer.name, sessions, messages, elapsed, pct(lat, 0.5), pct(lat, 0.99), note)
+    finally:
+        peer.stop()
+
+
+def median_result(results: list[Result]) -> Result:
+    results = sorted(results, key=lambda r: r.rate)
+    return results[len(results) // 2]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few seconds: 300 messages, 20 sessions")
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--sessions", default="20,50", help="comma list of concurrent connections")
+    ap.add_argument("--runs", type=int, default=1, help="repeat each measurement, report the median")
+    ap.add_argument("--peers", default="sink,postroom,postfix,aiosmtpd")
+    args = ap.parse_args()
+    if args.quick:
+        args.messages, args.sessions, args.runs = 300, "20", 1
+    sessions = [int(s) for s in args.sessions.split(",")]
+    if not shutil.which("smtp-source"):
+        print("smtp-source (Debian package postfix) is not installed: every peer skipped")
+        return 0
+    makers: dict[str, Callable[[], Peer]] = {
+        "sink": lambda: SinkPeer("smtp-sink"),
+        "postroom": lambda: PostroomPeer("postroom"),
+        "postfix": lambda: PostfixPeer("postfix"),
+        "aiosmtpd": lambda: AiosmtpdPeer("aiosmtpd"),
+    }
+    wanted = [p for p in args.peers.split(",") if p]
+    cpu = os.cpu_count()
+    print(f"SMTP end to end: {args.messages} messages of {SIZE} B per run, smtp-source, {cpu} CPUs, runs={args.runs}")
+    table: dict[tuple[str, int], Result] = {}
+    for name in wanted:
+        probe_peer = makers[name]()
+        why = probe_peer.available()
+        probe_peer.cleanup()
+        if why:
+            print(f"  {name}: skipped ({why})")
+            continue
+        for s in sessions:
+            runs = []
+            for _ in range(args.runs):
+                peer = makers[name]()
+                try:
+                    runs.append(measure(peer, s, args.messages, probe=name != "sink"))
+                finally:
+                    if isinstance(peer, PostroomPeer) and peer.proc is None:
+                        stored = peer.stored()
+                        extra = "" if stored >= args.messages else f" STORED ONLY {stored}"
+                        runs[-1].note = (runs[-1].note + extra).strip() if runs else extra
+                    peer.cleanup()
+            res = median_result(runs)
+            table[(name, s)] = res
+            print(
+                f"  {name:<9} {s:>3} sessions {res.rate:8.0f} msg/s  final dot p50 {res.p50_ms:6.2f} ms"
+                f"  p99 {res.p99_ms:7.2f} ms {res.note}",
+                flush=True,
+            )
+    print()
+    print("| sessions | server | msg/s | final dot p50 ms | p99 ms | vs Postfix | vs aiosmtpd | of smtp-sink |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in sessions:
+        base_pf = table.get(("postfix", s))
+        base_ai = table.get(("aiosmtpd", s))
+        sink = table.get(("sink", s))
+        for name in wanted:
+            r = table.get((name, s))
+            if r is None:
+                continue
+            vs_pf = f"{r.rate / base_pf.rate:.2f}x" if base_pf and base_pf.rate else "-"
+            vs_ai = f"{r.rate / base_ai.rate:.2f}x" if base_ai and base_ai.rate else "-"
+            of_sink = f"{r.rate / sink.rate:.0%}" if sink and sink.rate else "-"
+            lat = "-" if name == "sink" else f"{r.p50_ms:.2f} | {r.p99_ms:.2f}"
+            if name == "sink":
+                lat = "- | -"
+            print(f"| {s} | {name} | {r.rate:.0f} | {lat} | {vs_pf} | {vs_ai} | {of_sink} |")
+    bad = [r for r in table.values() if "STORED ONLY" in r.note]
+    if bad:
+        print("ERROR: Postroom acknowledged messages it did not store", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
