@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from postroom.burst.transport import Envelope, Sender, SessionError, Transport, 
 from postroom.errors import ConfigError
 from postroom.wire.address import AddressError, parse_mailbox
 
+FETCH_BATCH = 16  # built messages taken from the producer per thread hop
 DAY = 86400.0  # seconds: providers' daily limits are rolling 24 hours
 
 EXIT_OK = 0
@@ -362,9 +364,11 @@ async def send_built(
 
     async def feed() -> None:
         while True:
-            built = await asyncio.to_thread(next, source, None)
-            await queue.put(built)
-            if built is None:
+            batch = await asyncio.to_thread(lambda: list(itertools.islice(source, FETCH_BATCH)))
+            for built in batch:
+                await queue.put(built)
+            if not batch:
+                await queue.put(None)
                 return
 
     async def worker() -> None:
@@ -393,7 +397,7 @@ async def send_built(
                 await lw.update(key, "sending", "", **meta)
 
             outcome = await snd.send(env, mark_sending)
-            await lw.update(built.key, outcome.status, outcome.reply, **meta)
+            lw.update_soon(built.key, outcome.status, outcome.reply, **meta)
             done += 1
             progress(done)
 

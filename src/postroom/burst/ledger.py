@@ -202,6 +202,17 @@ class LedgerWriter:
         self._wake.set()
         await self._task  # drains every pending update before it returns
 
+    def update_soon(self, key: str, status: str, reply: str = "", **extra: str) -> None:
+        """Record a final status without waiting for the commit (it rides with the next batch).
+
+        For outcomes only: if the process dies first, the row stays ``sending`` and a re-run treats it as
+        ``unknown`` (never resent), so a lost ``sent`` can cost a report line but never a duplicate.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.exception())  # nobody awaits it; failures surface via update()
+        self._pending.append(((key, status, reply, extra), fut))
+        self._wake.set()
+
     async def update(self, key: str, status: str, reply: str = "", **extra: str) -> None:
         """Record a new status; returns once it is committed to disk."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
