@@ -261,6 +261,7 @@ async def _start_runner(app: App) -> Any:
     runner = runner_cls(app)
     await runner.start()
     app.extras["queue"] = runner
+    log.info("outbound queue runner started")
     return runner
 
 

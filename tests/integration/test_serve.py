@@ -235,8 +235,16 @@ def test_sighup_reloads_the_certificate(tmp_path: Path, servers: list[Server]) -
 
 
 def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
+    """Live child processes of ``pid`` (from /proc/*/stat, which every Linux has)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(after_name[1]) == pid and after_name[0] != "Z":
+            found.append(int(stat_file.parent.name))
+    return sorted(found)
 
 
 def _socket_inodes(pid: int) -> set[str]:
