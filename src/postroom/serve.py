@@ -225,7 +225,7 @@ async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket] | Non
         log.info("shutting down: %d sessions get %.1f s to finish", running, grace)
         stopping = [shutdown(listeners, grace)]
         if runner is not None:
-            stopping.append(runner.stop())
+            stopping.append(asyncio.wait_for(runner.stop(), grace + KILL_MARGIN))
         results = await asyncio.gather(*stopping, return_exceptions=True)
         if isinstance(results[0], int) and results[0]:
             log.info("cancelled %d sessions still running after %.1f s", results[0], grace)
@@ -259,7 +259,11 @@ async def _start_runner(app: App) -> Any:
         log.info("outbound queue runner not started: %s", exc)
         return None
     runner = runner_cls(app)
-    await runner.start()
+    try:
+        await runner.start()
+    except Exception:  # our bug, not the operator's: serve inbound mail anyway; the queue waits on disk
+        log.exception("outbound queue runner failed to start; queued mail waits for a restart")
+        return None
     app.extras["queue"] = runner
     log.info("outbound queue runner started")
     return runner
