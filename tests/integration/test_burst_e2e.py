@@ -1,12 +1,13 @@
 """The whole path: a 300-page report for 100 customers burst through Postroom's own submission port.
 
 STARTTLS + AUTH on the server's 587 listener (on 127.0.0.1:0), the burst killed with SIGKILL mid-way and run
-again; then every customer's INBOX (read through the store API) holds exactly one message whose PDF has
+again; then every customer's INBOX (read through the store API, and every tenth over IMAP) holds exactly one message whose PDF has
 exactly their pages, with subject and body from the template.
 """
 
 from __future__ import annotations
 
+import imaplib
 import os
 import signal
 import sqlite3
@@ -56,7 +57,7 @@ def sent_count(ledger: Path) -> int:
 def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun(
     tmp_path: Path, server_factory: Callable[..., RunningServer]
 ) -> None:
-    srv = server_factory(services=["submission"])
+    srv = server_factory(services=["submission", "imap"])
     if "submission" not in srv.ports:
         pytest.skip("postroom.smtp.adapter is not available")
     people = people_300_pages()
@@ -119,3 +120,19 @@ def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun
         body = msg.get_body(("plain",))
         assert body is not None and f"Dear Customer {c.n}," in body.get_content()
         assert pdf_page_titles(inbox[0]) == expected_titles(c)
+    # And as a mail program sees it: every tenth customer's INBOX over IMAP (STARTTLS + LOGIN).
+    if "imap" in srv.ports:
+        for c in people[::10]:
+            if c.address in unknown:
+                continue
+            imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"])
+            try:
+                imap.starttls(ssl_context=srv.client_tls())
+                imap.login(c.address, "never used")
+                typ, data = imap.select("INBOX", readonly=True)
+                assert typ == "OK" and int(data[0] or 0) == 1, (c.address, data)
+                typ, fetched = imap.fetch("1", "(BODY.PEEK[])")
+                raw = next(part[1] for part in fetched if isinstance(part, tuple))
+                assert pdf_page_titles(raw) == expected_titles(c)
+            finally:
+                imap.logout()
