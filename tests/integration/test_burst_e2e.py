@@ -1,8 +1,8 @@
 """The whole path: a 300-page report for 100 customers burst through Postroom's own submission port.
 
 STARTTLS + AUTH on the server's 587 listener (on 127.0.0.1:0), the burst killed with SIGKILL mid-way and run
-again; then every customer's INBOX (read through the store API, and every tenth over IMAP) holds exactly one message whose PDF has
-exactly their pages, with subject and body from the template.
+again; then every customer's INBOX (read through the store API, and every tenth over IMAP) holds exactly
+one message whose PDF has exactly their pages, with subject and body from the template.
 """
 
 from __future__ import annotations
