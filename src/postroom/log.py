@@ -28,7 +28,7 @@ def setup(level: str = "INFO") -> None:
     """Configure the root logger once: ``level`` is a level name (``INFO``, ``DEBUG``, ``TRACE`` …)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        numeric = logging.INFO
+        raise ValueError(f"unknown log level {level!r} (TRACE, DEBUG, INFO, WARNING, ERROR)")
     root = logging.getLogger()
     root.setLevel(numeric)
     if not any(getattr(h, "_postroom", False) for h in root.handlers):

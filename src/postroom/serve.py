@@ -311,7 +311,10 @@ def banner(plan: _Plan, notes: list[str]) -> str:
 
 def serve(cfg: Config) -> int:
     """Run the server described by ``cfg`` until SIGTERM. Returns the exit status."""
-    logmod.setup(cfg.log_level)
+    try:
+        logmod.setup(cfg.log_level)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.source}: log_level: {exc}") from None
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the workers are up changes nothing
     try:
         cfg.data_path.mkdir(parents=True, exist_ok=True)

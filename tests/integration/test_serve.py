@@ -347,6 +347,12 @@ def test_malformed_config_file(tmp_path: Path) -> None:
     assert f"{bad}: not valid TOML" in line
 
 
+def test_unknown_log_level(tmp_path: Path) -> None:
+    conf = write_config(tmp_path, ("smtp",), extra='log_level = "LOUD"')
+    line = assert_one_error_line(*run_cli("serve", "--config", str(conf), cwd=tmp_path))
+    assert "log_level: unknown log level 'LOUD'" in line
+
+
 def test_missing_certificate_file(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "cert.pem"
     services = available(ALL)[:1]
