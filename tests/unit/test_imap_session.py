@@ -11,6 +11,7 @@ from postroom.imap.core import Session
 from postroom.imap.dispatch import execute
 from postroom.imap.limits import ImapConfig
 from postroom.imap.reader import Command, CommandReader, ContinueLiteral, LiteralRejected, Malformed
+from postroom.imap.snapshots import Snapshots
 
 PLAIN = b"From: Bob <bob@example.test>\r\nSubject: first\r\nDate: Mon, 7 Feb 1994 21:52:25 -0800\r\n\r\nhello world\r\n"
 MULTI = (
@@ -24,7 +25,9 @@ MULTI = (
 class Client:
     """One session over the fake store; ``cmd`` returns the response lines of one command."""
 
-    def __init__(self, store: FakeStore, tls: bool = True, login: bool = True) -> None:
+    def __init__(
+        self, store: FakeStore, tls: bool = True, login: bool = True, snapshots: Snapshots | None = None
+    ) -> None:
         self.out = bytearray()
         self.lines_in: list[bytes] = []
         self.reader = CommandReader(max_line=8192, max_literal=10_000)
@@ -42,6 +45,7 @@ class Client:
             tls=tls,
             starttls=not tls,
             plaintext_ok=False,
+            snapshots=snapshots,
         )
         if login:
             assert self.cmd('l LOGIN alice@example.test "pw"')[-1].startswith("l OK")
@@ -265,3 +269,20 @@ def test_bad_input_is_bad_not_a_crash() -> None:
     assert c.cmd("e SEARCH FROB")[0].startswith("e BAD")
     assert c.send(b'f LOGIN "a\x00" b\r\n')[0].startswith("f BAD")
     assert c.cmd("g LOGOUT") == ["* BYE Postroom logging out", "g OK LOGOUT completed"]
+
+
+def test_shared_snapshot_matches_a_fresh_listing() -> None:
+    store = FakeStore()
+    for _ in range(4):
+        store.deliver("INBOX", PLAIN)
+    shared = Snapshots()
+    a = Client(store, snapshots=shared)
+    a.cmd("s SELECT INBOX")
+    a.cmd("x STORE 2 +FLAGS (\\Seen \\Deleted)")
+    a.cmd("y EXPUNGE")
+    store.deliver("INBOX", MULTI, ["$New"])
+    a.cmd("z UID STORE 4 +FLAGS ($Late)")
+    b, fresh = Client(store, snapshots=shared), Client(store)
+    assert b.cmd("s SELECT INBOX") == fresh.cmd("s SELECT INBOX")
+    assert b.cmd("f FETCH 1:* (UID FLAGS MODSEQ)") == fresh.cmd("f FETCH 1:* (UID FLAGS MODSEQ)")
+    assert b.cmd("g FETCH 1:* (UID FLAGS)")[-2] == "* 4 FETCH (UID 5 FLAGS ($New))"

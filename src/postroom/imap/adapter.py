@@ -31,6 +31,7 @@ from postroom.imap.reader import (
     LiteralRejected,
     Malformed,
 )
+from postroom.imap.snapshots import Snapshots
 from postroom.net.connection import Connection
 from postroom.store.api import AppendTarget, Watch
 
@@ -104,6 +105,10 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
         placed = await store.append(raw, [AppendTarget(mailbox_id, flags, when)])
         return placed[0][1]
 
+    snapshots = app.extras.get("imap.snapshots")
+    if not isinstance(snapshots, Snapshots):
+        snapshots = Snapshots()
+        app.extras["imap.snapshots"] = snapshots
     session = Session(
         store=store,  # Store satisfies MailPort structurally
         append=append,
@@ -115,6 +120,7 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
         starttls=spec.service == "imap",
         plaintext_ok=plaintext_ok,
         hostname=app.hostname,
+        snapshots=snapshots,
     )
     limiter = app.extras.get("imap.userip")
     if not isinstance(limiter, _UserIpLimiter):

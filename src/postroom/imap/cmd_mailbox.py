@@ -9,6 +9,7 @@ Invariants: the hierarchy separator is ``/``; INBOX cannot be deleted; APPEND in
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreFullError
 from postroom.imap import encode
@@ -25,7 +26,8 @@ from postroom.imap.grammar import (
     number,
     seqset,
 )
-from postroom.imap.ports import MailboxLike
+from postroom.imap.ports import MailboxLike, MetaLike
+from postroom.imap.snapshots import apply as apply_changes
 from postroom.imap.tokens import Lit8, Token
 from postroom.imap.view import View
 
@@ -72,8 +74,9 @@ async def select(s: Session, tag: str, args: list[Token], uid: bool, readonly: b
         s.untagged("OK [CLOSED] Previous mailbox closed")
     mbox = await _get(s, name)
     s.watch = s.store.watch(mbox.id)
-    metas = await s.store.messages(mbox.id)
-    view = View(mbox.id, mbox.name, mbox.uidvalidity, mbox.uidnext, mbox.highestmodseq, metas, readonly)
+    metas, modseq = await _listing(s, mbox)
+    uidnext = max(mbox.uidnext, metas[-1].uid + 1 if metas else 1)
+    view = View(mbox.id, mbox.name, mbox.uidvalidity, uidnext, modseq, metas, readonly)
     s.view = view
     s.state = State.SELECTED
     keywords: set[str] = set()
@@ -107,6 +110,24 @@ async def select(s: Session, tag: str, args: list[Token], uid: bool, readonly: b
         "READ-ONLY" if readonly else "READ-WRITE",
     )
     return None
+
+
+async def _listing(s: Session, mbox: MailboxLike) -> tuple[Sequence[MetaLike], int]:
+    """Every message of ``mbox`` and the MODSEQ they are current at: from the per-process snapshot
+    brought up to date with ``changes_since`` when there is one, else from ``messages()``."""
+    snaps = s.snapshots
+    snap = snaps.get(mbox.id, mbox.uidvalidity) if snaps is not None else None
+    if snap is None:
+        metas = await s.store.messages(mbox.id)
+        if snaps is not None:
+            snaps.put(mbox.id, mbox.uidvalidity, mbox.highestmodseq, metas)
+        return metas, mbox.highestmodseq
+    if snap.modseq < mbox.highestmodseq:
+        changes = await s.store.changes_since(mbox.id, snap.modseq)
+        if not changes.exists:
+            raise No(f"No such mailbox {mbox.name[:100]}", "NONEXISTENT")
+        apply_changes(snap, changes)
+    return snap.metas, snap.modseq
 
 
 async def _qresync(s: Session, view: View, params: list[Token]) -> None:

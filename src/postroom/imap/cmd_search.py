@@ -107,6 +107,23 @@ class _Evaluator:
         return False
 
 
+async def _evaluate(s: Session, key: Key, texts: dict[Key, set[int]], needs_struct: bool) -> list[int]:
+    view = s.view
+    assert view is not None
+    ev = _Evaluator(s, texts, time.time())
+    hits: list[int] = []
+    batch = max(1, s.config.fetch_batch)
+    for start in range(0, len(view), batch):
+        metas = view.metas[start : start + batch]
+        structs: dict[int, dict[str, Any]] = {}
+        if needs_struct:
+            structs = await s.store.structures([m.blob_id for m in metas])
+        for j, meta in enumerate(metas):
+            if ev.match(key, start + j + 1, meta, structs.get(meta.blob_id)):
+                hits.append(start + j)
+    return hits
+
+
 async def search(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome | None:
     sa: SearchArgs = parse_search(args)
     if sa.charset is not None and sa.charset not in CHARSETS:
@@ -121,17 +138,13 @@ async def search(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome 
     has_modseq = _walk(sa.key, {"modseq"})
     if has_modseq:
         s.condstore = True
-    ev = _Evaluator(s, texts, time.time())
-    hits: list[int] = []  # indices
-    batch = max(1, s.config.fetch_batch)
-    for start in range(0, len(view), batch):
-        metas = view.metas[start : start + batch]
-        structs: dict[int, dict[str, Any]] = {}
-        if needs_struct:
-            structs = await s.store.structures([m.blob_id for m in metas])
-        for j, meta in enumerate(metas):
-            if ev.match(sa.key, start + j + 1, meta, structs.get(meta.blob_id)):
-                hits.append(start + j)
+    hits: list[int]  # indices
+    key = sa.key
+    if key[0] == "flag":  # the common case (SEARCH UNSEEN …): one pass over the view
+        flag, present = key[1], bool(key[2])
+        hits = [i for i, m in enumerate(view.metas) if (flag in m.flags) is present]
+    else:
+        hits = await _evaluate(s, sa.key, texts, needs_struct)
     numbers = [view.uids[i] for i in hits] if uid else [i + 1 for i in hits]
     top_modseq = max((view.metas[i].modseq for i in hits), default=0)
     ret = sa.ret

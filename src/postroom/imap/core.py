@@ -23,6 +23,7 @@ from collections.abc import Callable
 from postroom.imap import encode
 from postroom.imap.limits import ImapConfig
 from postroom.imap.ports import AccountLike, AppendFn, AuthFn, Io, MailPort, WatchLike
+from postroom.imap.snapshots import Snapshots
 from postroom.imap.view import View
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Session:
         starttls: bool,
         plaintext_ok: bool,
         hostname: str = "postroom",
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.store = store
         self.append_fn = append
@@ -80,6 +82,7 @@ class Session:
         self.starttls_available = starttls and not tls
         self.plaintext_ok = plaintext_ok
         self.hostname = hostname
+        self.snapshots = snapshots
         self.state = State.NOT_AUTH
         self.account: AccountLike | None = None
         self.view: View | None = None

@@ -7,6 +7,7 @@ ENVELOPE and BODYSTRUCTURE are rendered from the stored structure (``postroom.mi
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -41,6 +42,14 @@ def astring(text: str) -> bytes:
 
 
 def flag_list(flags: Iterable[str]) -> bytes:
+    if isinstance(flags, frozenset):
+        return flag_text(flags)
+    return ("(" + " ".join(sorted(flags)) + ")").encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def flag_text(flags: frozenset[str]) -> bytes:
+    """``(\\Seen $Work)``; cached, since a mailbox has few distinct flag sets."""
     return ("(" + " ".join(sorted(flags)) + ")").encode()
 
 
