@@ -80,6 +80,7 @@ class Probe(threading.Thread):
         body = b"Subject: probe\r\n\r\n" + (b"p" * 78 + b"\r\n") * (SIZE // 80)
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on the dot
                 f = sock.makefile("rb")
 
                 def reply() -> bytes:
@@ -157,11 +158,14 @@ class SinkPeer(Peer):
 
 
 class PostroomPeer(Peer):
+    workers = 0  # 0: Postroom's default (one worker process per core)
+
     def start(self) -> None:
         data = self.work / "data"
         cfg = self.work / "postroom.toml"
         cfg.write_text(
             f'hostname = "mx.{DOMAIN}"\ndata_dir = "{data}"\ndomains = ["{DOMAIN}"]\nlog_level = "WARNING"\n'
+            f"workers = {self.workers}\n"
             '[listeners]\nsmtp = ["127.0.0.1:0"]\nsubmission = []\nsubmissions = []\npop3 = []\npop3s = []\n'
             "imap = []\nimaps = []\nhttp = []\n"
         )
@@ -419,7 +423,9 @@ def main() -> int:
     ap.add_argument("--sessions", default="20,50", help="comma list of concurrent connections")
     ap.add_argument("--runs", type=int, default=1, help="repeat each measurement, report the median")
     ap.add_argument("--peers", default="sink,postroom,postfix,aiosmtpd")
+    ap.add_argument("--workers", type=int, default=0, help="Postroom worker processes (0: one per core)")
     args = ap.parse_args()
+    PostroomPeer.workers = args.workers
     if args.quick:
         args.messages, args.sessions, args.runs = 300, "20", 1
     sessions = [int(s) for s in args.sessions.split(",")]

@@ -46,6 +46,10 @@ def _split_path(arg: str, prefix: str) -> tuple[str, list[str]]:
     if not rest.startswith("<"):
         raise fail(replies.PARAM_SYNTAX)
     i, quoted = 1, False
+    if '"' not in rest:  # the common case: no quoted local part, the path ends at the first ">"
+        i = rest.find(">")
+        if i < 0:
+            raise fail(replies.PARAM_SYNTAX)
     while i < len(rest):
         c = rest[i]
         if quoted and c == "\\":

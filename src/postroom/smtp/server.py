@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -393,6 +394,12 @@ class SmtpServer:
         _sasl_step(self, lambda sasl: sasl.respond(line))
 
 
+@functools.lru_cache(maxsize=64)
+def _caps_wire(caps: tuple[str, ...]) -> bytes:
+    """The EHLO reply's extension lines (after the greeting line), computed once per set."""
+    return Reply(250, "", caps).encode()
+
+
 _READER_ERRORS: dict[str, Reply] = {
     "bare": replies.BARE_LINE_ENDING,
     "line": replies.TEXT_LINE_TOO_LONG,
@@ -412,7 +419,8 @@ def _ehlo(core: SmtpServer, arg: str, *, esmtp: bool = True) -> None:
     if not esmtp:
         core._reply(Reply.of(250, "", greeting))
         return
-    core._reply(Reply.of(250, "", greeting, *core._capabilities()))
+    caps = core._capabilities()
+    core._out.append(f"250-{greeting}\r\n".encode() + _caps_wire(tuple(caps)))
 
 
 def _helo(core: SmtpServer, arg: str) -> None:

@@ -14,7 +14,7 @@ from email.utils import formatdate
 from postroom.wire.address import Address, format_path
 
 _UNSAFE = re.compile(r"[^\x21-\x27\x2a-\x5b\x5d-\x7e\u0080-\U0010ffff]")
-_date_cache: tuple[int, str] = (0, "")
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def _clean(text: str, limit: int = 255) -> str:

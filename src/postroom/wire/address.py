@@ -42,9 +42,7 @@ class AddressError(PostroomError, ValueError):
 _U = "\u0080-\U0010ffff"
 _ATEXT_ASCII = r"\-A-Za-z0-9!#$%&'*+/=?^_`{|}~"
 _DOT_STRING_ASCII = re.compile(rf"[{_ATEXT_ASCII}]+(?:\.[{_ATEXT_ASCII}]+)*\Z")
-_DOT_STRING_UTF8 = re.compile(
-    rf"[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*\Z"
-)
+_DOT_STRING_UTF8 = re.compile(rf"[{_ATEXT_ASCII}\u0080-\U0010ffff]+(?:\.[{_ATEXT_ASCII}\u0080-\U0010ffff]+)*\Z")
 _LABEL_ASCII = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _LABEL_UTF8 = re.compile(
     r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?\Z"

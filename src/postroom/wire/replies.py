@@ -8,6 +8,7 @@ ENHANCEDSTATUSCODES (the encoder is told).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -30,6 +31,9 @@ class Reply:
         return self.code < 400
 
     def encode(self, enhanced: bool = True) -> bytes:
+        return _encode(self, enhanced)
+
+    def _encode(self, enhanced: bool) -> bytes:
         code = str(self.code)
         prefix = f"{self.enhanced} " if enhanced and self.enhanced else ""
         last = len(self.lines) - 1
@@ -41,6 +45,12 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+@functools.lru_cache(maxsize=1024)
+def _encode(reply: Reply, enhanced: bool) -> bytes:
+    """Replies are immutable and mostly the same few: their wire form is computed once."""
+    return reply._encode(enhanced)
 
 
 # -- the table of common replies (RFC 5321 §4.2.2 codes, RFC 3463 enhanced codes) -----------------------
