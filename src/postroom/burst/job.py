@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import hashlib
 import itertools
@@ -215,6 +216,12 @@ def _run(opts: Options) -> int:
     return asyncio.run(_deliver(opts, job, pdf_password, items, plan, transport, sender, job_id, out))
 
 
+@functools.lru_cache(maxsize=64)
+def _address_of(mailbox: str) -> str:
+    """The bare address of ``Name <addr>`` (cached: a job has one or a few senders)."""
+    return parseaddr(mailbox)[1]
+
+
 def _envelope_sender(job: JobConfig, rendered: dict[str, Rendered], t: Transport | None) -> str:
     for r in rendered.values():
         if r.sender:
@@ -382,7 +389,7 @@ async def send_built(
             item = items[built.key]
             rcpts = (item.to_override,) if item.to_override else item.msg.tag.recipients
             env = Envelope(
-                sender=parseaddr(item.rendered.sender)[1] or sender,
+                sender=_address_of(item.rendered.sender) or sender,
                 recipients=rcpts,
                 data=built.data,
                 smtputf8=not all(a.isascii() for a in (*rcpts, sender)),
