@@ -342,11 +342,19 @@ class PostfixPeer(Peer):
             return 0
 
     def stop(self) -> None:
+        pid_file = self.work / "spool" / "pid" / "master.pid"
+        try:
+            master = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            master = 0
         subprocess.run(["postfix", "-c", str(self.work / "etc"), "stop"], capture_output=True, check=False)
         deadline = time.monotonic() + 15
-        pid_file = self.work / "spool" / "pid" / "master.pid"
-        while pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while master and time.monotonic() < deadline:
+            try:
+                os.kill(master, 0)  # our own instance's master (its PID from its own pid file)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
 
 
 # -- one measurement ------------------------------------------------------------------------------------
