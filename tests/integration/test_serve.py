@@ -413,3 +413,56 @@ async def test_store_domains_become_local_domains(tmp_path: Path) -> None:
         assert app.config.domains == ("example.test", "added.test")
     finally:
         await store.close()
+
+
+@pytest.mark.slow
+def test_user_added_while_running_in_a_new_domain_gets_mail_after_sighup(tmp_path: Path, servers: list[Server]) -> None:
+    services = available(("smtp",))
+    conf = write_config(tmp_path, services)
+    srv = Server(conf, tmp_path)
+    servers.append(srv)
+    srv.expect(r"^server ready")
+    port = srv.ports()["smtp"][0]
+
+    def rcpt(address: str) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=WAIT) as smtp:
+            smtp.ehlo("client.example.net")
+            smtp.mail("sender@example.net")
+            code, _ = smtp.rcpt(address)
+            smtp.rset()
+            return code
+
+    assert rcpt("carol@new.example.org") >= 500  # not a local domain: relaying is refused
+    code, err = run_cli(
+        "user", "add", "carol@new.example.org", "--password-stdin", "--config", str(conf), cwd=tmp_path, stdin="pw\n"
+    )
+    assert code == 0, err
+    srv.proc.send_signal(signal.SIGHUP)  # picks up the store's new domain at once (else within 10 s)
+    srv.expect(r"TLS certificate reloaded")
+    deadline = time.monotonic() + WAIT
+    while (got := rcpt("carol@new.example.org")) != 250 and time.monotonic() < deadline:
+        pass  # the domain refresh runs right after the reload; a few tries cover the gap
+    assert got == 250
+    assert srv.stop() == 0
+
+
+@pytest.mark.interop
+def test_openssl_s_client_on_every_port(tmp_path: Path, servers: list[Server]) -> None:
+    """A real TLS client (openssl s_client) against each port: implicit TLS, or its STARTTLS dialect."""
+    from tests.conftest import require_program
+
+    openssl = require_program("openssl")
+    services = available(ALL)
+    srv = Server(write_config(tmp_path, services), tmp_path)
+    servers.append(srv)
+    srv.expect(r"^server ready")
+    dialect = {"smtp": "smtp", "submission": "smtp", "pop3": "pop3", "imap": "imap"}
+    for service, (port, _) in srv.ports().items():
+        cmd = [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-brief"]
+        if service in dialect:
+            cmd += ["-starttls", dialect[service]]
+        proc = subprocess.run(cmd, input="", capture_output=True, text=True, timeout=WAIT)
+        out = proc.stdout + proc.stderr
+        assert "CONNECTION ESTABLISHED" in out, (service, out)
+        assert re.search(r"Protocol version: TLSv1\.[23]", out), (service, out)
+    assert srv.stop() == 0
