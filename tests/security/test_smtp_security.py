@@ -264,3 +264,12 @@ def test_trickling_client_hits_the_command_deadline(server_factory: Factory) -> 
             break
     assert got.startswith(b"421 4.4.2"), got
     assert time.monotonic() - start < 3.0
+
+
+def test_garbage_instead_of_tls_handshake_just_closes(srv: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    c = Raw(srv.host, srv.ports["submission"])
+    c.cmd(b"EHLO c\r\n")
+    assert c.cmd(b"STARTTLS\r\n").startswith(b"220")
+    c.send(b"this is not a TLS ClientHello\r\n" * 4)
+    assert c.closed()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

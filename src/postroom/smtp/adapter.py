@@ -215,7 +215,12 @@ class Session:
             elif isinstance(event, StartTls):
                 conn.write(core.data_to_send())
                 await conn.drain()
-                await conn.start_tls(self.app.tls, timeout=self.app.config.net.tls_handshake_timeout)
+                try:
+                    await conn.start_tls(self.app.tls, timeout=self.app.config.net.tls_handshake_timeout)
+                except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                    self.log.warning("STARTTLS handshake failed: %s", exc)
+                    conn.abort()
+                    return
                 core.tls_started()
                 seen_commands = -1
             elif isinstance(event, Close):
