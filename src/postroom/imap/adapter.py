@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import cast
 
@@ -33,7 +34,7 @@ from postroom.imap.reader import (
 )
 from postroom.imap.snapshots import Snapshots
 from postroom.net.connection import Connection
-from postroom.store.api import AppendTarget, Watch
+from postroom.store.api import AppendTarget, Changes, Store, Watch
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,33 @@ class _UserIpLimiter:
             self.counts.pop(key, None)
         else:
             self.counts[key] = n
+
+
+class _SharedChanges:
+    """``ChangesSource`` for one process: sessions woken by the same commit share one query."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.clock = 0
+        self.inflight: dict[tuple[int, int], tuple[int, asyncio.Task[Changes]]] = {}
+
+    def now(self) -> int:
+        return self.clock
+
+    async def get(self, mailbox_id: int, modseq: int, after: int) -> Changes:
+        key = (mailbox_id, modseq)
+        hit = self.inflight.get(key)
+        if hit is None or hit[0] <= after:
+            self.clock += 1
+            task = asyncio.ensure_future(self.store.changes_since(mailbox_id, modseq))
+            hit = (self.clock, task)
+            self.inflight[key] = hit
+            task.add_done_callback(functools.partial(self._done, key, hit))
+        return await asyncio.shield(hit[1])
+
+    def _done(self, key: tuple[int, int], entry: tuple[int, asyncio.Task[Changes]], _task: object) -> None:
+        if self.inflight.get(key) is entry:
+            del self.inflight[key]
 
 
 class _Io:
@@ -109,6 +137,10 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
     if not isinstance(snapshots, Snapshots):
         snapshots = Snapshots()
         app.extras["imap.snapshots"] = snapshots
+    shared = app.extras.get("imap.changes")
+    if not isinstance(shared, _SharedChanges):
+        shared = _SharedChanges(store)
+        app.extras["imap.changes"] = shared
     session = Session(
         store=store,  # Store satisfies MailPort structurally
         append=append,
@@ -121,6 +153,7 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
         plaintext_ok=plaintext_ok,
         hostname=app.hostname,
         snapshots=snapshots,
+        changes_source=shared,
     )
     limiter = app.extras.get("imap.userip")
     if not isinstance(limiter, _UserIpLimiter):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from postroom.imap import encode
 from postroom.imap.limits import ImapConfig
-from postroom.imap.ports import AccountLike, AppendFn, AuthFn, Io, MailPort, WatchLike
+from postroom.imap.ports import AccountLike, AppendFn, AuthFn, ChangesSource, Io, MailPort, WatchLike
 from postroom.imap.snapshots import Snapshots
 from postroom.imap.view import View
 
@@ -71,6 +71,7 @@ class Session:
         plaintext_ok: bool,
         hostname: str = "postroom",
         snapshots: Snapshots | None = None,
+        changes_source: ChangesSource | None = None,
     ) -> None:
         self.store = store
         self.append_fn = append
@@ -83,6 +84,7 @@ class Session:
         self.plaintext_ok = plaintext_ok
         self.hostname = hostname
         self.snapshots = snapshots
+        self.changes_source = changes_source
         self.state = State.NOT_AUTH
         self.account: AccountLike | None = None
         self.view: View | None = None
@@ -178,16 +180,22 @@ class Session:
         if self.watch is None or self.view is None:
             return
         if force or self.watch.pending:
+            after = self.changes_source.now() if self.changes_source is not None else 0
             self.watch.clear()
-            await self.sync(allow_expunge)
+            await self.sync(allow_expunge, after)
         elif allow_expunge and self.view.gone:
             self.announce_expunges()
 
-    async def sync(self, allow_expunge: bool) -> None:
+    async def sync(self, allow_expunge: bool, after: int | None = None) -> None:
+        """Announce and apply what changed since ``view.modseq``. ``after``: the change-source clock read
+        before the watch was cleared (a shared query may be reused only if it started later)."""
         view = self.view
         if view is None:
             return
-        changes = await self.store.changes_since(view.mailbox_id, view.modseq)
+        if self.changes_source is not None and after is not None:
+            changes = await self.changes_source.get(view.mailbox_id, view.modseq, after)
+        else:
+            changes = await self.store.changes_since(view.mailbox_id, view.modseq)
         if not changes.exists:
             self.bye = "selected mailbox was deleted or renamed"
             return
