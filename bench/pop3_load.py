@@ -181,8 +181,9 @@ def mail_owner() -> tuple[str, str, int, int]:
     raise RuntimeError("no vmail or nobody user")
 
 
-def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Path, int] | str:
-    """Write the Maildirs and both configs. Returns (stock conf, perf conf, port) or why it is skipped."""
+def prepare_dovecot(anchors: Path, users: int, messages: int, variants: list[str]) -> dict[str, Path] | str:
+    """Write the Maildirs and one config per variant (own port, base_dir and log, so the variants can run
+    side by side with Postroom and the runs can be interleaved). Returns variant → config, or why skipped."""
     if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
         return "dovecot not installed"
     if os.geteuid() != 0:
@@ -192,37 +193,45 @@ def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Pat
         return f"no Dovecot anchor configs in {anchors}"
     user, group, uid, gid = mail_owner()
     base = OUT / f"dovecot-{users}x{messages}"
-    port = free_port()
     mail = base / "vmail"
-    run = base / "run"
-    for d in (OUT, base, run):
+    for d in (OUT, base):
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
     users_file = base / "users"
     users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
     users_file.chmod(0o644)
-    conf = stock_src.read_text()
-    replacements = {
-        "protocols = imap pop3": "protocols = pop3",
-        "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
-        "instance_name = dovecot-bench": "instance_name = dovecot-bench-pop3",
-        "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot.log",
-        "/etc/dovecot-bench/users": str(users_file),
-        "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
-        "port = 10110": f"port = {port}",
-        "port = 10143": "port = 0",
-    }
-    for old, new in replacements.items():
-        if old not in conf:
-            return f"anchor dovecot.conf changed: {old!r} not found"
-        conf = conf.replace(old, new)
-    if uid < 5000:
-        conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
-    stock = base / "dovecot.conf"
-    stock.write_text(conf)
-    perf_text = perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
-    perf = base / "dovecot-perf.conf"
-    perf.write_text(perf_text)
+    confs: dict[str, Path] = {}
+    for variant in dict.fromkeys(["stock", *variants]):
+        run = base / f"run-{variant}"
+        run.mkdir(exist_ok=True)
+        run.chmod(0o755)
+        conf = stock_src.read_text()
+        replacements = {
+            "protocols = imap pop3": "protocols = pop3",
+            "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
+            "instance_name = dovecot-bench": f"instance_name = dovecot-bench-pop3-{variant}",
+            "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot-{variant}.log",
+            "/etc/dovecot-bench/users": str(users_file),
+            "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
+            "port = 10110": f"port = {free_port()}",
+            "port = 10143": "port = 0",
+        }
+        for old, new in replacements.items():
+            if old not in conf:
+                return f"anchor dovecot.conf changed: {old!r} not found"
+            conf = conf.replace(old, new)
+        if uid < 5000:
+            conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
+        stock = base / f"dovecot-{variant}-base.conf"
+        stock.write_text(conf)
+        if variant == "perf":
+            perf = base / "dovecot-perf.conf"
+            perf.write_text(
+                perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
+            )
+            confs[variant] = perf
+        else:
+            confs[variant] = stock
     marker = base / "complete"
     if not marker.exists():
         t0 = time.monotonic()
@@ -239,10 +248,13 @@ def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Pat
                 (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
         subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
         mail.chmod(0o755)
-        pid = start_dovecot(stock, port)  # doveadm asks the running instance's auth for the user list
+        pid = start_dovecot(confs["stock"])  # doveadm asks the running instance's auth for the user list
         try:
             res = subprocess.run(
-                ["doveadm", "-c", str(stock), "index", "-A", "INBOX"], capture_output=True, text=True, check=False
+                ["doveadm", "-c", str(confs["stock"]), "index", "-A", "INBOX"],
+                capture_output=True,
+                text=True,
+                check=False,
             )
         finally:
             stop_dovecot(pid)
@@ -250,18 +262,34 @@ def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Pat
             return f"doveadm index failed: {res.stderr.strip()[:200]}"
         marker.write_text("ok\n")
         print(f"  dovecot maildirs: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
-    return stock, perf, port
+    return {v: confs[v] for v in variants}
 
 
-def start_dovecot(conf: Path, port: int) -> int:
+def _dovecot_text(conf: Path) -> str:
+    """The config text with ``!include`` lines expanded (one level: the perf config includes its base)."""
+    lines = []
+    for line in conf.read_text().splitlines():
+        lines.append(Path(line.split(None, 1)[1]).read_text() if line.startswith("!include") else line)
+    return "\n".join(lines)
+
+
+def dovecot_port(conf: Path) -> int:
+    ports = [line.split("=")[1].strip() for line in _dovecot_text(conf).splitlines() if "port = " in line]
+    return next(int(p) for p in ports if p != "0")
+
+
+def start_dovecot(conf: Path) -> int:
     """Start Dovecot (it daemonizes); returns the master's pid."""
     subprocess.run(["dovecot", "-c", str(conf)], check=True)
-    pidfile = conf.parent / "run" / "master.pid"
+    base_dir = next(
+        line.split("=", 1)[1].strip() for line in _dovecot_text(conf).splitlines() if line.startswith("base_dir")
+    )
+    pidfile = Path(base_dir) / "master.pid"
     deadline = time.monotonic() + 30
     while not pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     pid = int(pidfile.read_text().strip())
-    wait_port(port, None)
+    wait_port(dovecot_port(conf), None)
     return pid
 
 
@@ -424,26 +452,57 @@ async def _warm_up(port: int, users: list[str], fast: float = 0.03, streak: int 
     await asyncio.gather(*(one(u) for u in users))
 
 
-def measure(name: str, port: int, users: list[str], args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+@dataclass
+class Target:
+    name: str
+    port: int
+    users: list[str]
+
+
+def warm_up(target: Target, args: argparse.Namespace) -> None:
     t0 = time.monotonic()
-    asyncio.run(_warm_up(port, users))
-    load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # caches, page cache, indexes
-    print(f"  {name:<16} warmed up in {time.monotonic() - t0:.1f} s", flush=True)
-    out: dict[int, dict[str, Any]] = {}
+    asyncio.run(_warm_up(target.port, target.users))
+    load(target.port, target.users, max(args.clients), min(2.0, args.duration), args.procs)  # page cache, indexes
+    print(f"  {target.name:<14} warmed up in {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every run measures each target in turn (interleaved), so background noise hits all of them alike."""
+    raw: dict[str, dict[int, list[dict[str, Any]]]] = {t.name: {c: [] for c in args.clients} for t in targets}
     for clients in args.clients:
-        runs = [load(port, users, clients, args.duration, args.procs) for _ in range(args.runs)]
-        med: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "last_error"}
-        med["last_error"] = next((r["last_error"] for r in runs if r["last_error"]), "")
-        med["retr_s_min"] = min(r["retr_s"] for r in runs)
-        med["retr_s_max"] = max(r["retr_s"] for r in runs)
-        out[clients] = med
-        print(
-            f"  {name:<16} {clients:>3} clients: {med['retr_s']:8.0f} RETR/s  {med['sessions_s']:6.1f} sessions/s  "
-            f"{med['commands_s']:8.0f} commands/s  p50 {med['session_p50_ms']:.0f} ms  errors {med['errors']:.0f}"
-            + (f" (last: {med['last_error']})" if med["last_error"] else ""),
-            flush=True,
-        )
+        for _ in range(args.runs):
+            for t in targets:
+                raw[t.name][clients].append(load(t.port, t.users, clients, args.duration, args.procs))
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for t in targets:
+        out[t.name] = {}
+        for clients, runs in raw[t.name].items():
+            med: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "last_error"}
+            med["last_error"] = next((r["last_error"] for r in runs if r["last_error"]), "")
+            med["retr_s_runs"] = [round(r["retr_s"]) for r in runs]
+            out[t.name][clients] = med
     return out
+
+
+def report(results: dict[str, dict[int, dict[str, Any]]]) -> None:
+    print(
+        f"  {'server':<14} {'clients':>7} {'RETR/s':>8} {'sessions/s':>10} {'commands/s':>10} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6}  RETR/s per run"
+    )
+    for name, by_clients in results.items():
+        for clients, m in by_clients.items():
+            print(
+                f"  {name:<14} {clients:>7} {m['retr_s']:>8.0f} {m['sessions_s']:>10.1f} {m['commands_s']:>10.0f} "
+                f"{m['session_p50_ms']:>7.0f} {m['session_p99_ms']:>7.0f} {m['errors']:>6.0f}  {m['retr_s_runs']}"
+                + (f"  last error: {m['last_error']}" if m["last_error"] else ""),
+                flush=True,
+            )
+    mine = results["postroom"]
+    for peer in ("dovecot-perf", "dovecot-stock"):
+        if peer in results:
+            for clients, r in mine.items():
+                ratio = r["retr_s"] / results[peer][clients]["retr_s"]
+                print(f"  postroom / {peer} RETR/s at {clients} clients: {ratio:.2f}x", flush=True)
 
 
 def main() -> int:
@@ -474,41 +533,37 @@ def main() -> int:
         f"{args.runs} x {args.duration:.0f} s, {args.procs} generator processes, {os.cpu_count()} CPUs",
         flush=True,
     )
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-
-    data_dir = prepare_postroom(args.users, args.messages)
-    port = free_port()
-    proc, _ = start_postroom(data_dir, port, args.workers)
-    try:
-        users = [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)]
-        results["postroom"] = measure("postroom", port, users, args)
-    finally:
-        stop(proc)
-
     variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
+    data_dir = prepare_postroom(args.users, args.messages)
+    dovecot: dict[str, Path] = {}
     if variants:
-        prepared = prepare_dovecot(args.anchors, args.users, args.messages)
+        prepared = prepare_dovecot(args.anchors, args.users, args.messages, variants)
         if isinstance(prepared, str):
             print(f"  dovecot skipped: {prepared}", flush=True)
         else:
-            stock_conf, perf_conf, dport = prepared
-            for variant in variants:
-                pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
-                try:
-                    users = [f"user{u:02d}" for u in range(1, args.users + 1)]
-                    results[f"dovecot-{variant}"] = measure(f"dovecot-{variant}", dport, users, args)
-                finally:
-                    stop_dovecot(pid)
-
-    mine = results["postroom"]
-    for peer in ("dovecot-perf", "dovecot-stock"):
-        if peer in results:
-            for clients, r in mine.items():
-                ratio = r["retr_s"] / results[peer][clients]["retr_s"]
-                print(f"  postroom / {peer} RETR/s at {clients} clients: {ratio:.2f}x", flush=True)
+            dovecot = prepared
+    port = free_port()
+    proc, _ = start_postroom(data_dir, port, args.workers)
+    pids: list[int] = []
+    try:
+        targets = [Target("postroom", port, [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)])]
+        for variant, conf in dovecot.items():
+            pids.append(start_dovecot(conf))
+            targets.append(
+                Target(f"dovecot-{variant}", dovecot_port(conf), [f"user{u:02d}" for u in range(1, args.users + 1)])
+            )
+        for t in targets:
+            warm_up(t, args)
+        results = measure(targets, args)
+    finally:
+        stop(proc)
+        for pid in pids:
+            stop_dovecot(pid)
+    report(results)
     (OUT / ("result-quick.json" if args.quick else "result.json")).write_text(json.dumps(results, indent=2))
     if any(r["errors"] for res in results.values() for r in res.values()):
         print("  note: some sessions failed (see errors above)", flush=True)
+    print(f"  results: {OUT.relative_to(ROOT) / ('result-quick.json' if args.quick else 'result.json')}")
     return 0
 
 

@@ -22,15 +22,14 @@ from postroom.pop3.events import (
     Update,
 )
 from postroom.pop3.limits import Pop3Config
+from postroom.pop3.maildrop import Maildrop
 
 MESSAGES = {
     11: b"Subject: one\r\n\r\nhello\r\n.hidden dot\r\n",
     12: b"Subject: two\r\nX: y\r\n\r\nline1\r\nline2\r\nline3\r\n",
     13: b"Subject: three\r\n\r\n.\r\n..\r\nend",
 }
-DROP = [
-    MaildropEntry(uid=5 + i, blob_id=blob, size=len(raw)) for i, (blob, raw) in enumerate(MESSAGES.items())
-]
+DROP = [MaildropEntry(uid=5 + i, blob_id=blob, size=len(raw)) for i, (blob, raw) in enumerate(MESSAGES.items())]
 UIDVALIDITY = 777
 
 
@@ -76,7 +75,7 @@ class Driver:
                 elif self.locked:
                     self.s.login_in_use()
                 else:
-                    self.s.login_ok(ev.username, DROP, UIDVALIDITY)
+                    self.s.login_ok(ev.username, Maildrop(tuple(DROP), UIDVALIDITY))
             elif isinstance(ev, Retrieve):
                 self.s.message(MESSAGES[ev.blob_id])
             elif isinstance(ev, Update):
@@ -158,9 +157,7 @@ def test_retr_dotstuffs_and_reports_size() -> None:
     greeting(d)
     d.login()
     out = d.feed(b"RETR 1\r\n")
-    assert out == f"+OK {DROP[0].size} octets\r\n".encode() + (
-        b"Subject: one\r\n\r\nhello\r\n..hidden dot\r\n.\r\n"
-    )
+    assert out == f"+OK {DROP[0].size} octets\r\n".encode() + (b"Subject: one\r\n\r\nhello\r\n..hidden dot\r\n.\r\n")
     out = d.feed(b"RETR 3\r\n")
     assert out.endswith(b"\r\n\r\n..\r\n...\r\nend\r\n.\r\n")
 
@@ -311,7 +308,7 @@ def test_outstanding_event_blocks_parsing() -> None:
         s.next_event()
     with pytest.raises(LocalProtocolError):
         s.message(b"x")
-    s.login_ok("a", DROP, 1)
+    s.login_ok("a", Maildrop(tuple(DROP), 1))
     assert s.next_event() is NEED_DATA
     assert s.data_to_send().endswith(b"+OK 3 " + str(sum(e.size for e in DROP)).encode() + b"\r\n")
 
@@ -356,9 +353,7 @@ def test_split_anywhere_same_transcript(data: st.DataObject) -> None:
 def test_garbage_never_raises(garbage: bytes) -> None:
     """Arbitrary input only ever produces replies (and a close), never an exception."""
     for plain in (True, False):
-        d = Driver(
-            dataclasses.replace(Pop3Config(), max_errors=1000), plaintext_ok=plain, stls_available=True
-        )
+        d = Driver(dataclasses.replace(Pop3Config(), max_errors=1000), plaintext_ok=plain, stls_available=True)
         greeting(d)
         d.feed(garbage)
         d2 = Driver(plaintext_ok=True, stls_available=not plain)

@@ -117,18 +117,33 @@ def test_top() -> None:
 
 def test_maildrop_cache_keyed_by_modseq_and_bounded() -> None:
     from postroom.pop3.events import MaildropEntry
-    from postroom.pop3.maildrop import MaildropCache
+    from postroom.pop3.maildrop import Maildrop, MaildropCache
 
-    listing = tuple(MaildropEntry(uid, uid + 100, 10) for uid in range(1, 4))
+    entries = tuple(MaildropEntry(uid, uid + 100, 10) for uid in range(1, 4))
+    listing = Maildrop(entries, 7)
     cache = MaildropCache(limit=5)
     assert cache.get(1, 7, 10) is None
     cache.put(1, 7, 10, listing)
     assert cache.get(1, 7, 10) is listing
     assert cache.get(1, 7, 11) is None  # any append, expunge or flag change bumps HIGHESTMODSEQ
     assert cache.get(1, 8, 10) is None  # a new UIDVALIDITY
-    cache.put(2, 7, 3, listing[:2])  # 5 entries held: at the limit
+    cache.put(2, 7, 3, Maildrop(entries[:2], 7))  # 5 entries held: at the limit
     assert len(cache) == 2
-    cache.put(3, 7, 3, listing[:1])  # over the limit: the least recently used maildrop goes
+    cache.put(3, 7, 3, Maildrop(entries[:1], 7))  # over the limit: the least recently used maildrop goes
     assert cache.get(1, 7, 10) is None and cache.get(2, 7, 3) is not None
-    cache.put(4, 1, 1, listing * 2)  # bigger than the whole cache: not kept
+    cache.put(4, 1, 1, Maildrop(entries * 2, 7))  # bigger than the whole cache: not kept
     assert cache.get(4, 1, 1) is None
+
+
+def test_maildrop_listings_memoized_only_without_deletions() -> None:
+    from postroom.pop3.events import MaildropEntry
+    from postroom.pop3.maildrop import Maildrop
+
+    drop = Maildrop(tuple(MaildropEntry(uid, uid, uid * 10) for uid in (4, 9)), 33)
+    assert (drop.count, drop.size) == (2, 130)
+    full = drop.uidl_lines(set())
+    assert full == b"1 33.4\r\n2 33.9\r\n" and drop.uidl_lines(set()) is full
+    assert drop.uidl_lines({1}) == b"2 33.9\r\n"
+    assert drop.scan_lines({2}) == b"1 40\r\n"
+    assert drop.scan_lines(set()) == b"1 40\r\n2 90\r\n"
+    assert drop.uidl_lines(set()) is full

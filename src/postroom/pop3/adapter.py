@@ -36,7 +36,7 @@ from postroom.pop3.events import (
     Update,
 )
 from postroom.pop3.lock import MaildropLock
-from postroom.pop3.maildrop import MaildropCache
+from postroom.pop3.maildrop import Maildrop, MaildropCache
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ async def _login(
         drop = cache.get(mailbox.id, mailbox.uidvalidity, mailbox.highestmodseq)
         if drop is None:
             metas = await app.store.messages(mailbox.id)
-            drop = tuple(MaildropEntry(m.uid, m.blob_id, m.size) for m in metas)
+            drop = Maildrop(tuple(MaildropEntry(m.uid, m.blob_id, m.size) for m in metas), mailbox.uidvalidity)
             cache.put(mailbox.id, mailbox.uidvalidity, mailbox.highestmodseq, drop)
     except StoreError:
         lock.release()
@@ -197,5 +197,5 @@ async def _login(
         lock.release()
         raise
     clog.info("%s logged in (%s), %d messages", account.address, event.mechanism, len(drop))
-    session.login_ok(account.address, drop, mailbox.uidvalidity)
+    session.login_ok(account.address, drop)
     return lock, mailbox.id

@@ -23,7 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 from postroom.auth.sasl import MECHANISMS, Challenge, Credentials, SaslCancelled, SaslError, SaslExchange
@@ -33,13 +33,13 @@ from postroom.pop3.events import (
     Authenticate,
     Close,
     Event,
-    MaildropEntry,
     Retrieve,
     StartTls,
     Update,
 )
 from postroom.pop3.framing import TERMINATOR, dotstuff, top
 from postroom.pop3.limits import Pop3Config
+from postroom.pop3.maildrop import EMPTY, Maildrop
 from postroom.pop3.parser import BadLine, Command, LineBuffer, parse_line
 
 
@@ -97,9 +97,10 @@ class Pop3Session:
         self._pending: Event | None = None
         self._user: str | None = None  # USER seen, waiting for PASS
         self._sasl: SaslExchange | None = None
-        self._drop: Sequence[MaildropEntry] = ()
+        self._drop: Maildrop = EMPTY
         self._deleted: set[int] = set()  # message numbers marked by DELE
-        self._uidvalidity = 0
+        self._count = 0  # messages not marked deleted
+        self._size = 0  # their octets
         self._emit(f"+OK {implementation} POP3 server ready\r\n".encode())
 
     # -- the adapter's API ------------------------------------------------------------------------
@@ -148,16 +149,15 @@ class Pop3Session:
         self._finish(StartTls)
         self.state = State.CLOSED
 
-    def login_ok(self, username: str, maildrop: Sequence[MaildropEntry], uidvalidity: int) -> None:
+    def login_ok(self, username: str, maildrop: Maildrop) -> None:
         """Credentials verified and maildrop locked and loaded: enter TRANSACTION (RFC 1939 §4)."""
         self._finish(Authenticate)
         self.state = State.TRANSACTION
         self.username = username
         self._drop = maildrop
         self._deleted.clear()
-        self._uidvalidity = uidvalidity
-        count, size = self._totals()
-        self._emit(f"+OK Logged in, maildrop has {count} messages ({size} octets)\r\n".encode())
+        self._count, self._size = maildrop.count, maildrop.size
+        self._emit(f"+OK Logged in, maildrop has {self._count} messages ({self._size} octets)\r\n".encode())
 
     def login_failed(self) -> None:
         """Unknown user or wrong password (indistinguishable on the wire)."""
@@ -179,7 +179,7 @@ class Pop3Session:
         """The bytes of the outstanding :class:`Retrieve`: send them as a dot-stuffed multi-line reply."""
         event = self._finish(Retrieve)
         if event.lines is None:
-            size = self._drop[event.number - 1].size
+            size = self._drop.entries[event.number - 1].size
             self._emit(f"+OK {size} octets\r\n".encode())
             body = dotstuff(raw)
         else:
@@ -230,15 +230,6 @@ class Pop3Session:
     def _err(self, text: bytes) -> Event | None:
         self._emit(text)
         return self._error()
-
-    def _totals(self) -> tuple[int, int]:
-        count = 0
-        size = 0
-        for i, entry in enumerate(self._drop, 1):
-            if i not in self._deleted:
-                count += 1
-                size += entry.size
-        return count, size
 
     def _line(self, item: bytes | BadLine) -> Event | None:
         if self._sasl is not None:
@@ -361,7 +352,7 @@ class Pop3Session:
     def _quit(self, cmd: Command) -> Event | None:
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE  # RFC 1939 §6
-            uids = tuple(self._drop[i - 1].uid for i in sorted(self._deleted))
+            uids = tuple(self._drop.entries[i - 1].uid for i in sorted(self._deleted))
             if uids:
                 return Update(uids)
             return self._sign_off(0, True)
@@ -371,8 +362,7 @@ class Pop3Session:
 
     # -- TRANSACTION -----------------------------------------------------------------------------
     def _stat(self, cmd: Command) -> Event | None:
-        count, size = self._totals()
-        self._emit(f"+OK {count} {size}\r\n".encode())
+        self._emit(f"+OK {self._count} {self._size}\r\n".encode())
         return None
 
     def _list(self, cmd: Command) -> Event | None:
@@ -380,29 +370,22 @@ class Pop3Session:
             n = self._message(cmd.args[0])
             if n is None:
                 return self._err(NO_SUCH_MESSAGE)
-            self._emit(f"+OK {n} {self._drop[n - 1].size}\r\n".encode())
+            self._emit(f"+OK {n} {self._drop.entries[n - 1].size}\r\n".encode())
             return None
-        count, size = self._totals()
-        deleted = self._deleted
-        body = "".join(f"{i} {e.size}\r\n" for i, e in enumerate(self._drop, 1) if i not in deleted)
-        self._emit(f"+OK {count} messages ({size} octets)\r\n{body}".encode())
+        self._emit(f"+OK {self._count} messages ({self._size} octets)\r\n".encode())
+        self._emit(self._drop.scan_lines(self._deleted))
         self._emit(TERMINATOR)
         return None
-
-    def _uid(self, entry: MaildropEntry) -> str:
-        """RFC 1939 §7 unique-id: 1-70 chars of 0x21-0x7E; stable and unique via UIDVALIDITY and UID."""
-        return f"{self._uidvalidity}.{entry.uid}"
 
     def _uidl(self, cmd: Command) -> Event | None:
         if cmd.args:
             n = self._message(cmd.args[0])
             if n is None:
                 return self._err(NO_SUCH_MESSAGE)
-            self._emit(f"+OK {n} {self._uid(self._drop[n - 1])}\r\n".encode())
+            self._emit(f"+OK {n} {self._drop.unique_id(self._drop.entries[n - 1])}\r\n".encode())
             return None
-        deleted = self._deleted
-        body = "".join(f"{i} {self._uid(e)}\r\n" for i, e in enumerate(self._drop, 1) if i not in deleted)
-        self._emit(f"+OK\r\n{body}".encode())
+        self._emit(b"+OK\r\n")
+        self._emit(self._drop.uidl_lines(self._deleted))
         self._emit(TERMINATOR)
         return None
 
@@ -412,7 +395,7 @@ class Pop3Session:
         n = self._message(cmd.args[0])
         if n is None:
             return self._err(NO_SUCH_MESSAGE)
-        entry = self._drop[n - 1]
+        entry = self._drop.entries[n - 1]
         return Retrieve(n, entry.uid, entry.blob_id)
 
     def _top(self, cmd: Command) -> Event | None:
@@ -424,7 +407,7 @@ class Pop3Session:
         n = self._message(cmd.args[0])
         if n is None:
             return self._err(NO_SUCH_MESSAGE)
-        entry = self._drop[n - 1]
+        entry = self._drop.entries[n - 1]
         return Retrieve(n, entry.uid, entry.blob_id, lines)
 
     def _dele(self, cmd: Command) -> Event | None:
@@ -436,6 +419,8 @@ class Pop3Session:
         if n in self._deleted:
             return self._err(f"-ERR Message {n} already deleted\r\n".encode())
         self._deleted.add(n)
+        self._count -= 1
+        self._size -= self._drop.entries[n - 1].size
         self._emit(f"+OK Message {n} deleted\r\n".encode())
         return None
 
@@ -445,8 +430,8 @@ class Pop3Session:
 
     def _rset(self, cmd: Command) -> Event | None:
         self._deleted.clear()
-        count, size = self._totals()
-        self._emit(f"+OK Maildrop has {count} messages ({size} octets)\r\n".encode())
+        self._count, self._size = self._drop.count, self._drop.size
+        self._emit(f"+OK Maildrop has {self._count} messages ({self._size} octets)\r\n".encode())
         return None
 
 
