@@ -208,7 +208,7 @@ async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket] | Non
 
         def on_hup() -> None:
             _reload_tls(app, plan.certs)
-            task = loop.create_task(refresh_domains(app, cfg))
+            task = loop.create_task(_refresh_once(app, cfg))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -243,13 +243,17 @@ async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket] | Non
         await store.close()
 
 
+async def _refresh_once(app: App, base: Config) -> None:
+    try:
+        await refresh_domains(app, base)
+    except PostroomError as exc:
+        log.warning("could not refresh the store's domains: %s", exc)
+
+
 async def _refresh_forever(app: App, base: Config) -> None:
     while True:
         await asyncio.sleep(DOMAIN_REFRESH)
-        try:
-            await refresh_domains(app, base)
-        except PostroomError as exc:
-            log.warning("could not refresh the store's domains: %s", exc)
+        await _refresh_once(app, base)
 
 
 async def _start_runner(app: App) -> Any:

@@ -210,3 +210,23 @@ async def test_sessions_see_connection_ids(tmp_path: Path, started: Callable[...
 def test_config_limits_are_named() -> None:
     net = NetConfig()
     assert dataclasses.asdict(net).keys() >= {"max_connections", "max_connections_per_ip", "shutdown_grace"}
+
+
+async def test_closing_one_listener_leaves_the_others(
+    tmp_path: Path, started: Callable[..., asyncio.Future[Listener]]
+) -> None:
+    app = make_app(tmp_path)
+    first = await started(app, "smtp", greet_then_wait)
+    second = await started(app, "pop3", greet_then_wait)
+    await first.close()
+    assert not shutdown_event(app).is_set()
+    with pytest.raises(OSError):
+        await connect(first.port)
+    reader, writer = await connect(second.port)
+    assert await first_line(reader) == b"hello\r\n"
+    writer.close()
+    # A new listener on the same App (a restarted service) serves as well.
+    again = await started(app, "smtp", greet_then_wait)
+    reader, writer = await connect(again.port)
+    assert await first_line(reader) == b"hello\r\n"
+    writer.close()

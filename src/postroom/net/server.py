@@ -33,6 +33,7 @@ from postroom.net.connection import Connection
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024  # pending connections per listening socket (the kernel caps it at net.core.somaxconn)
+CANCEL_WAIT = 5.0  # seconds shutdown waits for cancelled sessions to unwind
 
 _SMTP_BUSY = "421 4.7.0 {host} Too many connections, try again later\r\n"  # RFC 5321 §3.8, RFC 3463
 _POP3_BUSY = "-ERR [SYS/TEMP] Too many connections, try again later\r\n"  # RFC 3206 §4
@@ -129,6 +130,7 @@ class Listener:
         self.per_ip: dict[str, int] = {}
         self.refused = 0  # connections turned away by a limit, for tests and metrics
         self._port: int | None = None
+        self.closing = False
 
     @property
     def port(self) -> int:
@@ -162,12 +164,14 @@ class Listener:
         self._port = int(self.server.sockets[0].getsockname()[1])
 
     def stop_accepting(self) -> None:
+        self.closing = True
         if self.server is not None:
             self.server.close()
 
     async def close(self, grace: float = 0.0) -> None:
-        """Stop accepting, give running sessions ``grace`` seconds, cancel the rest, and wait for them."""
-        await shutdown([self], grace)
+        """Stop accepting, give running sessions ``grace`` seconds, cancel the rest, and wait for them.
+        Only this listener closes: the App's :func:`shutdown_event` is left alone."""
+        await shutdown([self], grace, announce=False)
 
     # -- limits -----------------------------------------------------------------------------------
     def _admit(self, ip: str) -> bool:
@@ -190,12 +194,16 @@ class Listener:
             self.per_ip.pop(ip, None)
 
 
-async def shutdown(listeners: Iterable[Listener], grace: float) -> int:
-    """Graceful stop of ``listeners``: returns how many sessions had to be cancelled after ``grace``."""
+async def shutdown(listeners: Iterable[Listener], grace: float, *, announce: bool = True) -> int:
+    """Graceful stop of ``listeners``: returns how many sessions had to be cancelled after ``grace``.
+
+    ``announce`` sets :func:`shutdown_event` of their Apps (the server is going away).
+    """
     listeners = list(listeners)
     for listener in listeners:
         listener.stop_accepting()
-        _shared(listener.app).stopping.set()
+        if announce:
+            _shared(listener.app).stopping.set()
     sessions = {task for listener in listeners for task in listener.sessions}
     pending: set[asyncio.Task[None]] = set()
     if sessions:
@@ -203,7 +211,9 @@ async def shutdown(listeners: Iterable[Listener], grace: float) -> int:
     for task in pending:
         task.cancel()
     if pending:
-        await asyncio.wait(pending)
+        _, stuck = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+        if stuck:  # a handler that ignores cancellation is a bug; do not hang the shutdown on it
+            log.error("%d sessions ignored cancellation; leaving them behind", len(stuck))
     for listener in listeners:
         if listener.server is not None:
             with contextlib.suppress(Exception):
@@ -221,6 +231,9 @@ class _ServedConnection(Connection):
         super().connection_made(transport)
         listener = self.listener
         ip = self.peer[0]
+        if listener.closing:  # accepted (e.g. mid-handshake) just as the listener closed
+            self.abort()
+            return
         if not listener._admit(ip):
             listener.refused += 1
             log.warning(
