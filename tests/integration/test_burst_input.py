@@ -116,3 +116,21 @@ def test_split_output_is_small_and_shares_fonts(tmp_path: Path) -> None:
     fonts = {font.objgen for page in out.pages for font in page.Resources.Font.values()}
     assert len(out.pages) == 3 and len(fonts) == 2  # Helvetica and Helvetica-Bold, shared by all pages
     assert len(data) < pdf.stat().st_size / 5
+
+
+def test_preset_recipient_limit_is_a_preflight_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reportlab.pdfgen import canvas
+
+    cc = ", ".join(f"p{i}@example.test" for i in range(100))
+    tag = f"[[postroom to=boss@example.test; cc={cc}]]"
+    path = tmp_path / "wide.pdf"
+    c = canvas.Canvas(str(path))
+    c.setFont("Helvetica", 4)
+    for k in range(0, len(tag), 300):  # wrapped over several lines, as a report writer would
+        c.drawString(20, 800 - 6 * (k // 300), tag[k : k + 300])
+    c.showPage()
+    c.save()
+    code, out = run(capsys, path, "--dry-run", "--preset", "gmail", "--out", tmp_path / "o")
+    assert code == 1 and "page 1: 101 recipients (to+cc+bcc); the provider allows 100" in out
+    code, out = run(capsys, path, "--dry-run", "--out", tmp_path / "o")
+    assert code == 0

@@ -174,7 +174,13 @@ def _run(opts: Options) -> int:
     page_count = pdfmod.check_pdf(opts.pdf, pdf_password)
     with ProgressView("scanning pages", page_count, fancy=opts.fancy) as pv:
         scans = pdfmod.scan(opts.pdf, page_count, password=pdf_password, workers=opts.workers, progress=pv.update)
-    limits = transport.limits if transport else None
+    # Provider limits apply to the plan even when only writing .eml files for that provider.
+    if transport is not None:
+        limits = transport.limits
+    elif opts.transport or opts.preset:
+        limits = parse_transport(opts.transport, opts.preset, opts.user).limits
+    else:
+        limits = None
     plan = make_plan(
         scans,
         group=job.group,
