@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import OrderedDict
 from typing import cast
 
 from postroom.app import App, ListenerSpec
@@ -66,23 +67,37 @@ class _UserIpLimiter:
 
 
 class _SharedChanges:
-    """``ChangesSource`` for one process: sessions woken by the same commit share one query."""
+    """``ChangesSource`` for one process: sessions woken by the same commit share one query.
+
+    A sentinel watch per mailbox counts announcements ("generations"); a query in flight is reused only
+    by callers in the generation it started in, so it can never predate the commit that woke them.
+    """
+
+    MAX_MAILBOXES = 10_000  # sentinel watches kept; the least recently used is closed beyond this
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.clock = 0
+        self.sentinels: OrderedDict[int, tuple[Watch, list[int]]] = OrderedDict()
         self.inflight: dict[tuple[int, int], tuple[int, asyncio.Task[Changes]]] = {}
 
-    def now(self) -> int:
-        return self.clock
-
-    async def get(self, mailbox_id: int, modseq: int, after: int) -> Changes:
+    async def get(self, mailbox_id: int, modseq: int) -> Changes:
+        entry = self.sentinels.get(mailbox_id)
+        if entry is None:
+            entry = (self.store.watch(mailbox_id), [0])
+            self.sentinels[mailbox_id] = entry
+            while len(self.sentinels) > self.MAX_MAILBOXES:
+                self.sentinels.popitem(last=False)[1][0].close()
+        else:
+            self.sentinels.move_to_end(mailbox_id)
+        sentinel, generation = entry
+        if sentinel.pending:
+            sentinel.clear()
+            generation[0] += 1
         key = (mailbox_id, modseq)
         hit = self.inflight.get(key)
-        if hit is None or hit[0] <= after:
-            self.clock += 1
+        if hit is None or hit[0] != generation[0]:
             task = asyncio.ensure_future(self.store.changes_since(mailbox_id, modseq))
-            hit = (self.clock, task)
+            hit = (generation[0], task)
             self.inflight[key] = hit
             task.add_done_callback(functools.partial(self._done, key, hit))
         return await asyncio.shield(hit[1])

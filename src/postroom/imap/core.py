@@ -180,20 +180,19 @@ class Session:
         if self.watch is None or self.view is None:
             return
         if force or self.watch.pending:
-            after = self.changes_source.now() if self.changes_source is not None else 0
             self.watch.clear()
-            await self.sync(allow_expunge, after)
+            await self.sync(allow_expunge, shared=True)
         elif allow_expunge and self.view.gone:
             self.announce_expunges()
 
-    async def sync(self, allow_expunge: bool, after: int | None = None) -> None:
-        """Announce and apply what changed since ``view.modseq``. ``after``: the change-source clock read
-        before the watch was cleared (a shared query may be reused only if it started later)."""
+    async def sync(self, allow_expunge: bool, shared: bool = False) -> None:
+        """Announce and apply what changed since ``view.modseq`` (``shared``: the query may be shared with
+        other sessions woken by the same commit)."""
         view = self.view
         if view is None:
             return
-        if self.changes_source is not None and after is not None:
-            changes = await self.changes_source.get(view.mailbox_id, view.modseq, after)
+        if self.changes_source is not None and shared:
+            changes = await self.changes_source.get(view.mailbox_id, view.modseq)
         else:
             changes = await self.store.changes_since(view.mailbox_id, view.modseq)
         if not changes.exists:

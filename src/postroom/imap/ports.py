@@ -139,11 +139,7 @@ class Io(Protocol):
 
 
 class ChangesSource(Protocol):
-    """Shares one ``changes_since`` query among the sessions woken by the same commit.
+    """Shares one ``changes_since`` query among the sessions woken by the same commit. ``get`` may return
+    the result of a query already in flight only if no change was announced since that query started."""
 
-    ``now()`` is a counter that grows with every query started; ``get(..., after)`` may return the result
-    of a query already in flight only if that query started after ``after`` (so it cannot predate the
-    commit that woke the caller)."""
-
-    def now(self) -> int: ...
-    async def get(self, mailbox_id: int, modseq: int, after: int) -> ChangesLike: ...
+    async def get(self, mailbox_id: int, modseq: int) -> ChangesLike: ...
