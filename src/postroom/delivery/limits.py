@@ -17,6 +17,8 @@ MESSAGES_PER_CONNECTION = 100  # transactions before a reused connection is clos
 CONNECTION_IDLE = 5.0  # seconds an idle connection is kept for reuse (Postfix smtp_connection_cache_time_limit 2s)
 POLL_INTERVAL = 60.0  # seconds between looks at the queue when nothing woke the runner
 CLAIM_BATCH = 200  # queue entries claimed per look
+ROUTE_CACHE = 60.0  # seconds a resolved MX route is reused (the resolver's cache still honours shorter TTLs
+#                     for lookups after that; a busy queue asks DNS about a domain once a minute at most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,4 +45,5 @@ class DeliveryConfig:
     connection_idle: float = CONNECTION_IDLE
     poll_interval: float = POLL_INTERVAL
     claim_batch: int = CLAIM_BATCH
+    route_cache: float = ROUTE_CACHE
     success_notices: bool = True  # send "relayed" DSNs for NOTIFY=SUCCESS when the peer lacks DSN

@@ -45,6 +45,8 @@ from postroom.errors import (
 
 log = logging.getLogger(__name__)
 
+ROUTE_CACHE_SIZE = 10_000  # domains whose route is remembered at once
+
 Status = Literal["delivered", "deferred", "failed"]
 
 
@@ -105,6 +107,8 @@ class Outbound:
         self._idle: dict[tuple[str, int, str], list[tuple[SmtpClient, float]]] = {}
         self._dest: dict[str, asyncio.Semaphore] = {}
         self._all = asyncio.Semaphore(max(1, config.max_connections))
+        self._lookups: dict[str, asyncio.Future[tuple[list[Hop], int]]] = {}
+        self._routes: dict[str, tuple[float, tuple[list[Hop], int]]] = {}
         self._no_tls: dict[str, float] = {}  # addresses whose handshake failed (opportunistic: go plain)
 
     # -- connections ----------------------------------------------------------------------------
@@ -218,6 +222,25 @@ class Outbound:
 
     # -- one attempt ----------------------------------------------------------------------------
     async def _route(self, domain: str) -> tuple[list[Hop], int]:
+        """The hops for ``domain``; concurrent callers for one domain share a single lookup, and a
+        resolved route is reused for ``route_cache`` seconds (errors are not cached)."""
+        cached = self._routes.get(domain)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        pending = self._lookups.get(domain)
+        if pending is None:
+            pending = asyncio.ensure_future(self._resolve(domain))
+            self._lookups[domain] = pending
+            pending.add_done_callback(lambda _f: self._lookups.pop(domain, None))
+        route = await asyncio.shield(pending)
+        if self.cfg.route_cache > 0:
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            self._routes[domain] = (now + self.cfg.route_cache, route)
+        return route
+
+    async def _resolve(self, domain: str) -> tuple[list[Hop], int]:
         sh = self.smarthost
         if sh is not None:
             addrs = await self.lookup.addresses(sh.host) if not _is_ip(sh.host) else [sh.host]

@@ -135,8 +135,7 @@ async def resolve_route(lookup: Lookup, domain: str) -> list[Hop]:
             raise PermanentDeliveryError(f"domain {domain} has no MX and no address", code=550, enhanced="5.1.2")
         return [Hop(domain, 0, tuple(addrs))]
     records = [r for r in records if r[1] not in ("", ".")]
-    rng = random.Random()
-    records.sort(key=lambda r: (r[0], rng.random()))
+    records.sort(key=lambda r: (r[0], random.random()))  # spreads load, RFC 5321 §5.1
     hops: list[Hop] = []
     for pref, host in records:
         try:

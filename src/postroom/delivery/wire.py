@@ -229,7 +229,11 @@ def data_payload(message: bytes) -> bytes:
     Bare CR and bare LF become CRLF (never passed through: a peer could read them as the end of a line
     or, with a following ".", as the end of data). A line starting with "." gets a second one.
     """
-    text = _LINE_ENDS.sub(b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    if message.count(b"\r") == crlf and message.count(b"\n") == crlf:
+        text = message  # already CRLF-only: the common case, without the regex
+    else:
+        text = _LINE_ENDS.sub(b"\r\n", message)
     if not text.endswith(b"\r\n"):
         text += b"\r\n"
     if text.startswith(b"."):
