@@ -428,25 +428,35 @@ def load(port: int, users: list[str], clients: int, duration: float, procs: int)
     return out
 
 
-def measure(name: str, port: int, users: list[str], args: argparse.Namespace) -> dict[int, dict[str, float]]:
-    load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # warm-up: caches, auth
-    out: dict[int, dict[str, float]] = {}
+Target = tuple[str, int, list[str]]  # (name, port, user names)
+
+
+def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
+    """Interleave the servers run by run (A, B, A, B …) so a change in the machine's load hits both alike."""
+    for _, port, users in targets:
+        load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # warm-up: caches, auth
+    out: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _, _ in targets}
     for clients in args.clients:
-        runs = [load(port, users, clients, args.duration, args.procs) for _ in range(args.runs)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        med["commands_s_min"] = min(r["commands_s"] for r in runs)
-        med["commands_s_max"] = max(r["commands_s"] for r in runs)
-        out[clients] = med
-        print(
-            f"  {name:<16} {clients:>3} clients: {med['commands_s']:7.0f} commands/s "
-            f"({med['commands_s_min']:.0f}-{med['commands_s_max']:.0f})  {med['sessions_s']:6.1f} sessions/s  "
-            f"errors {med['errors']:.0f}",
-            flush=True,
-        )
-        print(
-            "      p50/p99 ms: " + "  ".join(f"{c} {med[c + ' p50']:.1f}/{med[c + ' p99']:.1f}" for c in COMMANDS),
-            flush=True,
-        )
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        for _ in range(args.runs):
+            for name, port, users in targets:
+                runs[name].append(load(port, users, clients, args.duration, args.procs))
+        for name, _, _ in targets:
+            rs = runs[name]
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            med["commands_s_min"] = min(r["commands_s"] for r in rs)
+            med["commands_s_max"] = max(r["commands_s"] for r in rs)
+            out[name][clients] = med
+            print(
+                f"  {name:<16} {clients:>3} clients: {med['commands_s']:7.0f} commands/s "
+                f"({med['commands_s_min']:.0f}-{med['commands_s_max']:.0f})  {med['sessions_s']:6.1f} sessions/s  "
+                f"errors {med['errors']:.0f}",
+                flush=True,
+            )
+            print(
+                "      p50/p99 ms: " + "  ".join(f"{c} {med[c + ' p50']:.1f}/{med[c + ' p99']:.1f}" for c in COMMANDS),
+                flush=True,
+            )
     return out
 
 
@@ -475,27 +485,27 @@ def main() -> int:
     data_dir = prepare_postroom(args.users, args.messages)
     port = free_port()
     proc, _ = start_postroom(data_dir, port, args.workers)
+    postroom: Target = ("postroom", port, [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)])
     try:
-        users = [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)]
-        results["postroom"] = measure("postroom", port, users, args)
-    finally:
-        stop(proc)
-
-    variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
-    if variants:
-        prepared = prepare_dovecot(args.anchors, args.users, args.messages)
+        variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
+        prepared = prepare_dovecot(args.anchors, args.users, args.messages) if variants else "not asked for"
         if isinstance(prepared, str):
-            print(f"  dovecot skipped: {prepared}", flush=True)
+            if variants:
+                print(f"  dovecot skipped: {prepared}", flush=True)
+            results.update(measure([postroom], args))
         else:
             stock_conf, perf_conf, dport = prepared
-            for variant in variants:
+            for n, variant in enumerate(variants):
                 pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
                 try:
                     index_dovecot(stock_conf)
-                    users = [f"user{u:02d}" for u in range(1, args.users + 1)]
-                    results[f"dovecot-{variant}"] = measure(f"dovecot-{variant}", dport, users, args)
+                    dovecot: Target = (f"dovecot-{variant}", dport, [f"user{u:02d}" for u in range(1, args.users + 1)])
+                    # Postroom is measured beside the first variant only (interleaved with it).
+                    results.update(measure([postroom, dovecot] if n == 0 else [dovecot], args))
                 finally:
                     stop_dovecot(pid)
+    finally:
+        stop(proc)
 
     mine = results["postroom"]
     for peer in ("dovecot-perf", "dovecot-stock"):
