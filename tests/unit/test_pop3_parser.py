@@ -147,3 +147,12 @@ def test_maildrop_listings_memoized_only_without_deletions() -> None:
     assert drop.scan_lines({2}) == b"1 40\r\n"
     assert drop.scan_lines(set()) == b"1 40\r\n2 90\r\n"
     assert drop.uidl_lines(set()) is full
+
+
+def test_redact_hides_secrets() -> None:
+    from postroom.pop3.parser import redact
+
+    text = redact(b"USER bob\r\nPASS hunter2 x\r\nAUTH PLAIN AGJvYgBodW50ZXIy\r\nRETR 1\r\nAGJvYgBodW50ZXIy\r\n")
+    assert "hunter2" not in text and "AGJvYgBodW50ZXIy" not in text
+    assert text == "USER bob | PASS <redacted> | AUTH PLAIN <redacted> | RETR 1 | <17 octets>"
+    assert redact(b"QUIT\r\n", in_sasl=True) == "<SASL response, 5 octets>"  # base64 may spell a verb

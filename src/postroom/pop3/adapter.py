@@ -22,7 +22,7 @@ import logging
 
 from postroom.app import App, ListenerSpec
 from postroom.errors import NotFoundError, StoreError
-from postroom.log import connection_logger
+from postroom.log import TRACE, connection_logger
 from postroom.net.connection import Connection
 from postroom.net.server import shutdown_event
 from postroom.pop3.core import Pop3Session
@@ -37,6 +37,7 @@ from postroom.pop3.events import (
 )
 from postroom.pop3.lock import MaildropLock
 from postroom.pop3.maildrop import Maildrop, MaildropCache
+from postroom.pop3.parser import redact
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
     store = app.store
     mark_seen = cfg.pop3.mark_seen_on_retr
     timeout = cfg.pop3.idle_timeout
+    tracing = clog.isEnabledFor(TRACE)  # transcripts without passwords or message bodies
     lock: MaildropLock | None = None
     mailbox_id = 0
     # Graceful shutdown: a session waiting for its next command says goodbye at once (nothing removed);
@@ -83,6 +85,8 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
             if type(event) is NeedData:
                 out = session.data_to_send()
                 if out:
+                    if tracing:
+                        clog.trace("S: %s (%d octets)", out[: out.find(b"\r\n")].decode("ascii", "replace"), len(out))
                     conn.write(out)
                     await conn.drain()
                 if stopping.is_set():
@@ -100,6 +104,8 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                     if session.username:
                         clog.info("%s disconnected without QUIT; nothing removed", session.username)
                     return
+                if tracing:
+                    clog.trace("C: %s", redact(data, session.in_sasl))
                 session.receive_data(data)
             elif type(event) is Retrieve:
                 try:

@@ -119,6 +119,11 @@ class Pop3Session:
         return self._out_size
 
     @property
+    def in_sasl(self) -> bool:
+        """True while an AUTH exchange waits for the client's next (secret) response line."""
+        return self._sasl is not None
+
+    @property
     def buffered_input(self) -> int:
         return self._lines.buffered
 

@@ -108,3 +108,30 @@ class LineBuffer:
             if idx + 1 > self.max_line:
                 return BadLine("line too long")
             return line
+
+
+#: Verbs whose arguments may be logged at TRACE level; anything else shows only its verb or its length.
+_SAFE_ARGS = frozenset({"USER", "STAT", "LIST", "RETR", "DELE", "TOP", "UIDL", "NOOP", "RSET", "QUIT", "CAPA", "STLS"})
+
+
+def redact(data: bytes, in_sasl: bool = False) -> str:
+    """Client bytes for a TRACE transcript with secrets removed: PASS/APOP arguments, AUTH initial responses,
+    every line that is not a known command, and the first line when ``in_sasl`` (a SASL response, which
+    could spell anything) are replaced by placeholders."""
+    out = []
+    for i, raw in enumerate(data.split(b"\n")):
+        if not raw:
+            continue
+        if i == 0 and in_sasl:
+            out.append(f"<SASL response, {len(raw)} octets>")
+            continue
+        parsed = parse_line(raw[:64])
+        if isinstance(parsed, Command) and parsed.verb in _SAFE_ARGS:
+            out.append(raw.rstrip(b"\r")[:64].decode("ascii", "replace"))
+        elif isinstance(parsed, Command) and parsed.verb == "AUTH":
+            out.append(" ".join(["AUTH", *parsed.args[:1], *(["<redacted>"] if len(parsed.args) > 1 else [])]))
+        elif isinstance(parsed, Command) and parsed.verb in ("PASS", "APOP"):
+            out.append(f"{parsed.verb} <redacted>")
+        else:
+            out.append(f"<{len(raw)} octets>")
+    return " | ".join(out)
