@@ -30,6 +30,7 @@ class Client:
     ) -> None:
         self.out = bytearray()
         self.lines_in: list[bytes] = []
+        self.drains: list[int] = []  # output octets written when each drain happened
         self.reader = CommandReader(max_line=8192, max_literal=10_000)
 
         async def auth(user: str, password: str, ip: str) -> Account | None:
@@ -54,6 +55,7 @@ class Client:
         self.out += data
 
     async def drain(self) -> None:
+        self.drains.append(len(self.out))
         return None
 
     async def read_line(self) -> bytes | None:
@@ -286,3 +288,17 @@ def test_shared_snapshot_matches_a_fresh_listing() -> None:
     assert b.cmd("s SELECT INBOX") == fresh.cmd("s SELECT INBOX")
     assert b.cmd("f FETCH 1:* (UID FLAGS MODSEQ)") == fresh.cmd("f FETCH 1:* (UID FLAGS MODSEQ)")
     assert b.cmd("g FETCH 1:* (UID FLAGS)")[-2] == "* 4 FETCH (UID 5 FLAGS ($New))"
+
+
+def test_fetch_of_many_bodies_streams_with_drains() -> None:
+    store = FakeStore()
+    big = PLAIN + b"x" * 30_000 + b"\r\n"
+    for _ in range(10):
+        store.deliver("INBOX", big)
+    c = Client(store)
+    c.cmd("s EXAMINE INBOX")
+    out = c.cmd("f FETCH 1:* BODY.PEEK[]")
+    assert out[-1] == "f OK FETCH completed"
+    # the response went out in steps of about 64 KB, each followed by a drain, not built whole
+    assert len(c.drains) >= 3
+    assert all(b - a <= 64 * 1024 + len(big) + 100 for a, b in zip([0, *c.drains], c.drains, strict=False))
