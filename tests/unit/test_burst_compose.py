@@ -118,3 +118,36 @@ def test_config_errors_name_the_file(tmp_path: Path, text: str, error: str) -> N
 )
 def test_safe_filename(name: str, safe: str) -> None:
     assert safe_filename(name) == safe
+
+
+def test_mime_writer_round_trips_through_the_email_parser() -> None:
+    from postroom.burst import mime
+    from postroom.errors import LocalProtocolError
+
+    subject = "Rechnung für Müller & Söhne — März " + "x" * 90
+    text = "Grüße\n" + "long line " * 150 + "\n.leading dot\n"
+    html = "<p>Grüße</p>"
+    raw = mime.message(
+        [
+            ("From", mime.encode_mailbox('"Müller, Hans" <hans@example.com>')),
+            ("To", mime.address_list(["a@example.com", "Bob Smith <b@example.com>", "jörg@bücher.example"])),
+            ("Subject", mime.encode_text(subject)),
+        ],
+        text,
+        html,
+        [(b"%PDF-1.7\n" + bytes(range(256)) * 10, "application/pdf", "Rechnung März.pdf")],
+    )
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    m = email.message_from_string(raw.decode("utf-8"), policy=policy.default)  # RFC 6532: UTF-8 headers
+    assert m["Subject"] == subject
+    assert m["From"].addresses[0].display_name == "Müller, Hans"
+    assert [a.addr_spec for a in m["To"].addresses] == ["a@example.com", "b@example.com", "jörg@bücher.example"]
+    plain, rich = m.get_body(("plain",)), m.get_body(("html",))
+    assert plain is not None and plain.get_content().replace("\r\n", "\n") == text
+    assert rich is not None and rich.get_content().strip() == html
+    att = next(m.iter_attachments())
+    assert att.get_filename() == "Rechnung März.pdf"
+    assert att.get_payload(decode=True) == b"%PDF-1.7\n" + bytes(range(256)) * 10
+    with pytest.raises(LocalProtocolError):
+        mime.encode_text("hello\r\nBcc: victim@example.com")

@@ -17,13 +17,11 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
-from email.headerregistry import Address as HeaderAddress
-from email.message import EmailMessage
-from email.policy import SMTP, SMTPUTF8
 from email.utils import formatdate, getaddresses, parseaddr
 
 import jinja2
 
+from postroom.burst import mime
 from postroom.burst.jobconfig import JobConfig, MessageTemplate, compiled
 from postroom.burst.plan import PlannedMessage
 from postroom.errors import PostroomError
@@ -151,14 +149,6 @@ def stable_message_id(job_id: str, key: str, sender: str) -> str:
     return f"<{digest}.burst@{domain}>"
 
 
-def _header_address(text: str) -> HeaderAddress | str:
-    name, addr = parseaddr(text)
-    if not addr:
-        return text
-    local, _, domain = addr.rpartition("@")
-    return HeaderAddress(display_name=name, username=local, domain=domain)
-
-
 def build(
     msg: PlannedMessage,
     rendered: Rendered,
@@ -171,28 +161,21 @@ def build(
     """The complete message as bytes with CRLF line ends (RFC 5322), ready for DATA or a ``.eml`` file."""
     tpl = template_for(job, msg)
     tag = msg.tag
-    utf8 = not all(a.isascii() for a in (*tag.to, *tag.cc, *tag.bcc, rendered.sender, to_override or ""))
-    em = EmailMessage(policy=SMTPUTF8 if utf8 else SMTP)
+    headers: list[tuple[str, str]] = []
     if rendered.sender:
-        em["From"] = _header_address(rendered.sender)
+        headers.append(("From", mime.encode_mailbox(rendered.sender)))
     if to_override is not None:
-        em["To"] = to_override
-        em["X-Postroom-Burst-Test-For"] = ", ".join(tag.to)
+        headers.append(("To", mime.address_list([to_override])))
+        headers.append(("X-Postroom-Burst-Test-For", mime.address_list(tag.to)))
     else:
-        em["To"] = ", ".join(tag.to)
+        headers.append(("To", mime.address_list(tag.to)))
         if tag.cc:
-            em["Cc"] = ", ".join(tag.cc)
+            headers.append(("Cc", mime.address_list(tag.cc)))
     if rendered.reply_to:
-        em["Reply-To"] = ", ".join(rendered.reply_to)
-    em["Subject"] = rendered.subject
-    em["Date"] = formatdate(localtime=True)
-    em["Message-ID"] = message_id
-    em["MIME-Version"] = "1.0"
-    em.set_content(rendered.text)
-    if rendered.html is not None:
-        em.add_alternative(rendered.html, subtype="html")
-    em.add_attachment(pdf, maintype="application", subtype="pdf", filename=rendered.filename)
-    for att in (*job.attachments, *tpl.attachments):
-        maintype, _, subtype = att.content_type.partition("/")
-        em.add_attachment(att.data, maintype=maintype, subtype=subtype, filename=att.filename)
-    return em.as_bytes()
+        headers.append(("Reply-To", mime.address_list(rendered.reply_to)))
+    headers.append(("Subject", mime.encode_text(rendered.subject)))
+    headers.append(("Date", formatdate(localtime=True)))
+    headers.append(("Message-ID", mime.encode_text(message_id)))
+    attachments = [(pdf, "application/pdf", rendered.filename)]
+    attachments += [(a.data, a.content_type, a.filename) for a in (*job.attachments, *tpl.attachments)]
+    return mime.message(headers, rendered.text, rendered.html, attachments)
