@@ -376,3 +376,38 @@ def test_listing_follows_changes_between_logins(pop: RunningServer) -> None:
     assert client.stat()[0] == len(MESSAGES) - 1
     assert joined(client.retr(1)[1]) == MESSAGES[1]
     client.quit()
+
+
+def test_imap_session_sees_pop3_deletions(server_factory: Factory) -> None:
+    """A real IMAP session selected on the INBOX gets EXPUNGE responses for what POP3 QUIT removed."""
+    import imaplib
+
+    srv = server_factory(services=["pop3s", "imaps"], auth={"throttle_base_delay": 0.01})
+    if "imaps" not in srv.ports:
+        pytest.skip("IMAP adapter not available")
+    srv.add_user(USER, PASSWORD)
+    deliver(srv, USER, MESSAGES)
+    imap = imaplib.IMAP4_SSL(srv.host, srv.ports["imaps"], ssl_context=srv.client_tls(), timeout=10)
+    imap.login(USER, PASSWORD)
+    typ, data = imap.select("INBOX")
+    assert typ == "OK" and data == [str(len(MESSAGES)).encode()]
+    client = ssl_client(srv)
+    client.user(USER)
+    client.pass_(PASSWORD)
+    client.dele(2)
+    client.dele(4)
+    client.quit()
+    expunged: list[Any] = []
+    for _ in range(50):  # NOOP until the change feed has delivered both (it is asynchronous)
+        typ, _ = imap.noop()
+        assert typ == "OK"
+        expunged += imap.untagged_responses.pop("EXPUNGE", [])
+        if len(expunged) >= 2:
+            break
+    remaining = list(range(1, len(MESSAGES) + 1))
+    for n in expunged:  # each EXPUNGE renumbers the ones after it (RFC 9051 §7.5.1)
+        del remaining[int(n) - 1]
+    assert remaining == [1, 3]
+    typ, found = imap.uid("SEARCH", "ALL")
+    assert typ == "OK" and found[0] is not None and found[0].split() == [b"1", b"3"]
+    imap.logout()
