@@ -361,3 +361,40 @@ def test_garbage_never_raises(garbage: bytes) -> None:
         d2.login()
         if not d2.closed:
             d2.feed(garbage)
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["DELE", "LIST", "UIDL", "RETR"]), st.integers(0, len(DROP) + 1)),
+        st.tuples(st.sampled_from(["STAT", "RSET", "NOOP"]), st.none()),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS, st.booleans())
+def test_model_dele_rset_stat_and_update(ops: list[tuple[str, int | None]], quit_at_end: bool) -> None:
+    """Random DELE/RSET/LIST/UIDL/RETR/STAT sequences agree with a two-line model of RFC 1939 §5-§6."""
+    d = Driver(Pop3Config(max_errors=1000))
+    greeting(d)
+    d.login()
+    marked: set[int] = set()
+    for verb, n in ops:
+        out = d.feed(f"{verb} {n}\r\n".encode() if n is not None else f"{verb}\r\n".encode())
+        exists = n is not None and 1 <= n <= len(DROP)
+        if verb == "DELE":
+            assert out.startswith(b"+OK") == (exists and n not in marked)
+            if exists and n is not None:
+                marked.add(n)
+        elif verb == "RSET":
+            marked.clear()
+        elif verb in ("LIST", "UIDL", "RETR"):
+            assert out.startswith(b"+OK") == (exists and n not in marked)
+        live = [e for i, e in enumerate(DROP, 1) if i not in marked]
+        assert d.feed(b"STAT\r\n") == f"+OK {len(live)} {sum(e.size for e in live)}\r\n".encode()
+    if quit_at_end:
+        d.feed(b"QUIT\r\n")
+        assert d.deleted == (tuple(DROP[i - 1].uid for i in sorted(marked)) if marked else None)
+    else:
+        assert d.deleted is None  # the connection just ends: nothing is removed
