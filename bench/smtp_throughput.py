@@ -450,32 +450,42 @@ def main() -> int:
     cpu = os.cpu_count()
     print(f"SMTP end to end: {args.messages} messages of {SIZE} B per run, smtp-source, {cpu} CPUs, runs={args.runs}")
     table: dict[tuple[str, int], Result] = {}
+    names = []
     for name in wanted:
         probe_peer = makers[name]()
         why = probe_peer.available()
         probe_peer.cleanup()
         if why:
             print(f"  {name}: skipped ({why})")
-            continue
+        else:
+            names.append(name)
+    # Interleaved: every run measures each peer in turn, so background load hits them alike.
+    runs: dict[tuple[str, int], list[Result]] = {}
+    for run in range(args.runs):
         for s in sessions:
-            runs = []
-            for _ in range(args.runs):
+            for name in names:
                 peer = makers[name]()
                 try:
-                    runs.append(measure(peer, s, args.messages, probe=name != "sink"))
-                finally:
-                    if isinstance(peer, PostroomPeer) and peer.proc is None:
+                    res = measure(peer, s, args.messages, probe=name != "sink")
+                    if isinstance(peer, PostroomPeer):
                         stored = peer.stored()
-                        extra = "" if stored >= args.messages else f" STORED ONLY {stored}"
-                        runs[-1].note = (runs[-1].note + extra).strip() if runs else extra
+                        if stored < args.messages:
+                            res.note = f"{res.note} STORED ONLY {stored}".strip()
+                finally:
                     peer.cleanup()
-            res = median_result(runs)
-            table[(name, s)] = res
-            print(
-                f"  {name:<9} {s:>3} sessions {res.rate:8.0f} msg/s  final dot p50 {res.p50_ms:6.2f} ms"
-                f"  p99 {res.p99_ms:7.2f} ms {res.note}",
-                flush=True,
-            )
+                runs.setdefault((name, s), []).append(res)
+                print(
+                    f"  run {run + 1}: {name:<9} {s:>3} sessions {res.rate:8.0f} msg/s"
+                    f"  final dot p50 {res.p50_ms:6.2f} ms  p99 {res.p99_ms:7.2f} ms {res.note}",
+                    flush=True,
+                )
+    for key, results in runs.items():
+        table[key] = median_result(results)
+    print()
+    print("median of the runs:")
+    for (name, s), res in table.items():
+        per_run = " / ".join(f"{x.rate:.0f}" for x in runs[(name, s)])
+        print(f"  {name:<9} {s:>3} sessions {res.rate:8.0f} msg/s  (runs: {per_run})")
     print()
     print("| sessions | server | msg/s | final dot p50 ms | p99 ms | vs Postfix | vs aiosmtpd | of smtp-sink |")
     print("|---|---|---|---|---|---|---|---|")
@@ -483,17 +493,15 @@ def main() -> int:
         base_pf = table.get(("postfix", s))
         base_ai = table.get(("aiosmtpd", s))
         sink = table.get(("sink", s))
-        for name in wanted:
-            r = table.get((name, s))
-            if r is None:
+        for name in names:
+            got = table.get((name, s))
+            if got is None:
                 continue
-            vs_pf = f"{r.rate / base_pf.rate:.2f}x" if base_pf and base_pf.rate else "-"
-            vs_ai = f"{r.rate / base_ai.rate:.2f}x" if base_ai and base_ai.rate else "-"
-            of_sink = f"{r.rate / sink.rate:.0%}" if sink and sink.rate else "-"
-            lat = "-" if name == "sink" else f"{r.p50_ms:.2f} | {r.p99_ms:.2f}"
-            if name == "sink":
-                lat = "- | -"
-            print(f"| {s} | {name} | {r.rate:.0f} | {lat} | {vs_pf} | {vs_ai} | {of_sink} |")
+            vs_pf = f"{got.rate / base_pf.rate:.2f}x" if base_pf and base_pf.rate else "-"
+            vs_ai = f"{got.rate / base_ai.rate:.2f}x" if base_ai and base_ai.rate else "-"
+            of_sink = f"{got.rate / sink.rate:.0%}" if sink and sink.rate else "-"
+            lat = "- | -" if name == "sink" else f"{got.p50_ms:.2f} | {got.p99_ms:.2f}"
+            print(f"| {s} | {name} | {got.rate:.0f} | {lat} | {vs_pf} | {vs_ai} | {of_sink} |")
     bad = [r for r in table.values() if "STORED ONLY" in r.note]
     if bad:
         print("ERROR: Postroom acknowledged messages it did not store", file=sys.stderr)
