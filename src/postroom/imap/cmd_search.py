@@ -146,7 +146,7 @@ async def search(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome 
     else:
         hits = await _evaluate(s, sa.key, texts, needs_struct)
     numbers = [view.uids[i] for i in hits] if uid else [i + 1 for i in hits]
-    top_modseq = max((view.metas[i].modseq for i in hits), default=0)
+    top_modseq = max((view.metas[i].modseq for i in hits), default=0) if has_modseq else 0
     ret = sa.ret
     if ret is None and s.rev2:
         ret = ("ALL",)
@@ -169,7 +169,7 @@ async def search(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome 
         if ret != ("SAVE",):  # RFC 5182 §2.1: SAVE alone returns no ESEARCH
             s.untagged("ESEARCH " + " ".join(parts))
     else:
-        text = "SEARCH" + "".join(f" {n}" for n in numbers)
+        text = "SEARCH " + " ".join(map(str, numbers)) if numbers else "SEARCH"
         if has_modseq and numbers:
             text += f" (MODSEQ {top_modseq})"
         s.untagged(text)
