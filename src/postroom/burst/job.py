@@ -172,6 +172,9 @@ def _run(opts: Options) -> int:
 
     pdf_password = os.environ.get("POSTROOM_PDF_PASSWORD") or None
     page_count = pdfmod.check_pdf(opts.pdf, pdf_password)
+    workers = opts.workers or pdfmod.default_workers()
+    if workers > 1 and page_count > pdfmod.IN_PROCESS_PAGES:
+        pdfmod.pool(workers)  # before the progress display or the sender start threads: workers can fork
     with ProgressView("scanning pages", page_count, fancy=opts.fancy) as pv:
         scans = pdfmod.scan(opts.pdf, page_count, password=pdf_password, workers=opts.workers, progress=pv.update)
     # Provider limits apply to the plan even when only writing .eml files for that provider.

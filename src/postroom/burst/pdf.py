@@ -22,6 +22,7 @@ import io
 import multiprocessing
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -120,17 +121,25 @@ _POOLS: dict[int, ProcessPoolExecutor] = {}
 def pool(workers: int) -> ProcessPoolExecutor:
     """The process pool of this many workers, created once and reused by scanning and splitting.
 
-    ``forkserver`` where available: workers start from a clean single-threaded process, so starting them
-    while the sender's event loop and threads run cannot copy a held lock into a worker.
+    Workers are forked when this process has a single thread (the CLI creates the pool before any thread
+    starts); otherwise they come from ``forkserver``, a clean single-threaded process, so a lock held by
+    another thread can never be copied into a worker.
     """
     ex = _POOLS.get(workers)
     if ex is None:
         methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if ctx.get_start_method() == "forkserver":
+        if "fork" in methods and threading.active_count() == 1:
+            method = "fork"  # nothing else runs in this process: a fork copies no held lock, and is instant
+        else:
+            method = "forkserver" if "forkserver" in methods else "spawn"
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
             ctx.set_forkserver_preload(["postroom.burst.produce"])
         ex = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         atexit.register(ex.shutdown, wait=True, cancel_futures=True)
+        # Start every worker now, while the choice above still holds (the executor adds threads).
+        for fut in [ex.submit(os.getpid) for _ in range(workers * 2)]:
+            fut.result()
     return ex
 
 
