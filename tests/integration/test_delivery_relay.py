@@ -131,7 +131,7 @@ async def instances(
     made: list[Instance] = []
     z, dns_port = zone
 
-    async def make(**delivery: Any) -> tuple[Instance, Instance]:
+    async def make(smarthost: bool = False, **delivery: Any) -> tuple[Instance, Instance]:
         def config(name: str, domain: str, **kw: Any) -> Config:
             return Config(
                 hostname=f"mx.{domain}",
@@ -153,6 +153,18 @@ async def instances(
         b_port = await b.start_listener("smtp", B_IP, 0)
         await b.store.create_account("bob@b.test", hash_password("bob-pw-123"))
         delivery.setdefault("retry_schedule", (3600.0,))
+        if smarthost:  # B's 465 (implicit TLS) is A's smarthost, by name, with a verified certificate
+            relay_port = await b.start_listener("submissions", B_IP, 0)
+            # like Office 365, B lets an account send only as itself: the smarthost login is alice's address
+            await b.store.create_account("alice@a.test", hash_password("relay-pw-456"))
+            pw_file = tmp_path / "smarthost.pw"
+            pw_file.write_text("relay-pw-456\n")
+            z.add(f"localhost. 300 IN A {B_IP}")  # the name the test certificate carries
+            delivery.update(
+                smarthost=f"smtps://alice%40a.test@localhost:{relay_port}",
+                smarthost_password_file=str(pw_file),
+                tls_ca_file=str(tls_files[0]),
+            )
         a_cfg = config(
             "a", "a.test", nameservers=(f"127.0.0.1:{dns_port}",), smtp_port=b_port, connect_timeout=5.0, **delivery
         )
@@ -317,3 +329,19 @@ async def test_null_mx_fails_at_once(
 async def _entries_with(a: Instance, pred: Callable[[QueueEntry], bool]) -> list[QueueEntry]:
     entries = await queue_entries(a)
     return [e for e in entries if pred(e)] if entries and all(pred(e) for e in entries) else []
+
+
+async def test_smarthost_with_implicit_tls_verify_and_auth(
+    instances: Callable[..., Awaitable[tuple[Instance, Instance]]],
+) -> None:
+    a, b = await instances(smarthost=True)
+    # c.test has no DNS at all: with a smarthost nothing is looked up but the smarthost's own name
+    await asyncio.to_thread(submit, a, "carol@c.test", "via smarthost")
+    (queued,) = await wait_for(lambda: b.store.queue_list())
+    assert (queued.sender, queued.recipient, queued.status) == ("alice@a.test", "carol@c.test", "pending")
+    raw = await b.store.read_queued(queued.message_id)
+    assert b"Subject: via smarthost" in raw and raw.count(b"DKIM-Signature:") == 2
+    first_received = raw.split(b"\r\nReceived:", 1)[0] if raw.startswith(b"Received:") else b""
+    assert b"by mx.b.test" in first_received and b"ESMTPSA" in first_received  # authenticated, TLS
+    (entry,) = await wait_for(lambda: _entries_with(a, lambda e: e.status == "delivered"))
+    assert entry.last_reply.startswith("250")
