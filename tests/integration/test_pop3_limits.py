@@ -7,7 +7,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from conftest import RunningServer
+from postroom.errors import StoreError
 from postroom.net.server import shutdown
 from postroom.store.api import AppendTarget
 
@@ -51,3 +54,39 @@ def test_graceful_shutdown_says_goodbye_and_removes_nothing(server_factory: Fact
     assert client.file.readline() == b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"
     assert client.file.readline() == b""
     assert len(srv.inbox("bob@example.test")) == 1
+
+
+def test_store_failures_become_err_replies_and_free_the_lock(server_factory: Factory) -> None:
+    srv = server_factory(services=["pop3s"])
+    srv.add_user("dan@example.test", "pw")
+
+    async def one() -> None:
+        acct = await srv.store.get_account("dan@example.test")
+        assert acct is not None
+        mb = await srv.store.get_mailbox(acct.id, "INBOX")
+        assert mb is not None
+        await srv.store.append(b"Subject: s\r\n\r\nbody\r\n", [AppendTarget(mb.id)])
+
+    srv.call(one())
+    real_read = srv.store.read
+    failures: list[BaseException] = [StoreError("disk on fire"), RuntimeError("a bug of ours")]
+
+    async def failing_read(blob_id: int) -> bytes:
+        if failures:
+            raise failures.pop(0)
+        return await real_read(blob_id)
+
+    srv.store.read = failing_read  # type: ignore[method-assign]
+    client = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=srv.client_tls(), timeout=10)
+    client.user("dan@example.test")
+    client.pass_("pw")
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Message is no longer available"):
+        client.retr(1)  # a store error: the session goes on
+    with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Internal server error"):
+        client.retr(1)  # our bug: -ERR, logged with its traceback, connection closed
+    assert client.file.readline() == b""
+    again = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=srv.client_tls(), timeout=10)
+    again.user("dan@example.test")
+    again.pass_("pw")  # the lock was released
+    assert again.retr(1)[1] == [b"Subject: s", b"", b"body"]
+    again.quit()

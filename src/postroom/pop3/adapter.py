@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 FLUSH_AT = 128 * 1024  # octets of pending replies after which the adapter writes before the next command
 READ_SIZE = 65536  # octets per read from the connection
 SEEN = ("\\Seen",)
+INTERNAL_ERROR = b"-ERR [SYS/TEMP] Internal server error, closing connection\r\n"  # RFC 3206 §4
 SHUTTING_DOWN = b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"  # RFC 3206 §4
 
 
@@ -110,12 +111,17 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
             elif type(event) is Retrieve:
                 try:
                     raw = await store.read(event.blob_id)
-                except NotFoundError:
+                except StoreError as exc:
+                    if not isinstance(exc, NotFoundError):  # NotFound: expunged meanwhile (e.g. over IMAP)
+                        clog.exception("reading message %d failed", event.uid)
                     session.message_unavailable()
                 else:
                     session.message(raw)
                     if mark_seen and event.lines is None:
-                        await store.set_flags(mailbox_id, (event.uid,), "add", SEEN)
+                        try:
+                            await store.set_flags(mailbox_id, (event.uid,), "add", SEEN)
+                        except StoreError:  # the message went out already; \Seen is only advisory here
+                            clog.exception("setting \\Seen on message %d failed", event.uid)
                 if session.pending_output >= FLUSH_AT:
                     conn.write(session.data_to_send())
                     await conn.drain()
@@ -150,6 +156,13 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
                     lock.release()
                 await _flush(conn, session)
                 return
+    except (ConnectionError, TimeoutError):
+        return  # the peer went away (or a write timed out): nothing to say, nothing removed
+    except Exception:
+        # Our bug (STYLE: an unexpected exception becomes -ERR and is logged with its traceback). Replies
+        # are written whole, so this lands on a reply boundary. CancelledError is not an Exception.
+        clog.exception("POP3 session failed")
+        conn.write(INTERNAL_ERROR)
     finally:
         stop_waiter.cancel()
         if lock is not None:
