@@ -207,16 +207,26 @@ async def test_cache_hit_and_forget(accounts: FakeAccounts, sleeps: list[float],
     auth = make_auth(accounts)
     assert await auth.authenticate("bob@example.test", "right", "192.0.2.1") is not None
     assert len(verified) == 1
-    # The password changes in the store; the cache still answers from the verified credential …
-    accounts.accounts["bob@example.test"] = Account(1, "bob@example.test", hash_password("changed"))
     assert await auth.authenticate("bob@example.test", "right", "192.0.2.1") is not None
     assert len(verified) == 1  # no argon2 run on a hit
     # … a wrong password is never a cache hit …
     assert await auth.authenticate("bob@example.test", "nope", "192.0.2.2") is None
-    # … and forget() drops the address's entries, so the old password stops working.
+    assert len(verified) == 2
+    # … forget() drops the address's entries …
     auth.forget("bob@example.test")
-    assert await auth.authenticate("bob@example.test", "right", "192.0.2.3") is None
-    assert await auth.authenticate("bob@example.test", "changed", "192.0.2.4") is not None
+    assert await auth.authenticate("bob@example.test", "right", "192.0.2.3") is not None
+    assert len(verified) == 3
+
+
+async def test_password_change_or_deletion_beats_the_cache(accounts: FakeAccounts, verified: list[str]) -> None:
+    """A change made elsewhere (the CLI is another process) takes effect at once, cache or not."""
+    auth = make_auth(accounts)
+    assert await auth.authenticate("bob@example.test", "right", "192.0.2.1") is not None
+    accounts.accounts["bob@example.test"] = Account(1, "bob@example.test", hash_password("changed"))
+    assert await auth.authenticate("bob@example.test", "right", "192.0.2.1") is None
+    assert await auth.authenticate("bob@example.test", "changed", "192.0.2.1") is not None
+    del accounts.accounts["bob@example.test"]
+    assert await auth.authenticate("bob@example.test", "changed", "192.0.2.1") is None
 
 
 async def test_cache_ttl_zero_disables_cache(accounts: FakeAccounts, verified: list[str]) -> None:

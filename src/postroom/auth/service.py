@@ -3,7 +3,9 @@
 Invariants:
 - Unknown user and wrong password take the same path (a dummy hash is verified) and give the same answer.
 - The cache holds only credentials that verified, keyed by a keyed hash (never the password itself),
-  for ``cache_ttl`` seconds, like Dovecot's auth cache; a password change empties it for that address.
+  for ``cache_ttl`` seconds, like Dovecot's auth cache. It saves the argon2 work, not the account lookup:
+  a hit counts only while the store still holds the same account with the same password hash, so a
+  password change or deletion (also by another process, e.g. the CLI) takes effect at once.
 - After a failure from an IP, each further attempt from that IP first waits a delay that doubles per
   failure (``throttle_base_delay`` … ``throttle_max_delay``); a success clears the IP's record.
 - argon2 runs in a thread, never on the event loop.
@@ -42,9 +44,7 @@ class Throttle:
         if now - last > self.config.throttle_window:
             del self._failures[ip]
             return 0.0
-        return float(
-            min(self.config.throttle_base_delay * (2 ** (count - 1)), self.config.throttle_max_delay)
-        )
+        return float(min(self.config.throttle_base_delay * (2 ** (count - 1)), self.config.throttle_max_delay))
 
     def failed(self, ip: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -83,12 +83,14 @@ class Authenticator:
         address = username.strip().lower()
         key = self._cache_key(address, password)
         now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and hit[1] > now:
-            self._cache.move_to_end(key)
-            self.throttle.succeeded(ip)
-            return hit[0]
         account = await self.store.get_account(address) if address else None
+        hit = self._cache.get(key)
+        if hit is not None:
+            if hit[1] > now and account is not None and account == hit[0]:
+                self._cache.move_to_end(key)
+                self.throttle.succeeded(ip)
+                return account
+            del self._cache[key]
         stored = account.password_hash if account is not None else DUMMY_HASH
         ok = await asyncio.to_thread(verify_password, stored, password)
         if ok and account is not None:
