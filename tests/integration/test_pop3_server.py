@@ -244,6 +244,7 @@ def test_auth_sasl_plain_with_initial_response_and_identical_failures(pop: Runni
         replies.append(info.value.args[0])
         c.quit()
     assert replies[0] == replies[1] == b"-ERR [AUTH] Authentication failed"
+    assert pop.app.auth.throttle.delay(pop.host) > 0  # the next attempt from this IP is slowed down
 
 
 def raw_lines(sock: socket.socket | ssl.SSLSocket) -> Iterator[bytes]:
