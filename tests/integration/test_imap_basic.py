@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from tests.conftest import RunningServer
+
+from conftest import RunningServer
 
 USER = "alice@example.test"
 PASSWORD = "correct horse"

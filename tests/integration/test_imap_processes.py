@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.integration.test_imap_sync import Raw
+from test_imap_sync import Raw
 
 from postroom.auth.passwords import hash_password
 from postroom.store.api import AppendTarget

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from tests.conftest import RunningServer
-from tests.integration.test_imap_basic import PASSWORD, USER, deliver, message
+from test_imap_basic import PASSWORD, USER, deliver, message
+
+from conftest import RunningServer
 
 
 class Raw:

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.conftest import RunningServer, require_program
 
+from conftest import RunningServer, require_program
 from postroom.store.api import AppendTarget
 
 pytestmark = pytest.mark.interop

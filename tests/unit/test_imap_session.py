@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from tests.unit.imap_fake_store import Account, FakeStore, run
+from imap_fake_store import Account, FakeStore, run
 
 from postroom.imap.core import Session
 from postroom.imap.dispatch import execute
