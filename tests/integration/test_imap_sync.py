@@ -202,3 +202,21 @@ def test_fetch_streams_many_bodies(srv: RunningServer) -> None:
     assert len(out) == 26 and out[-1].startswith(b"f OK")
     assert out[24].startswith(b"* 25 FETCH (BODY[] {")
     c.close()
+
+
+def test_timeouts_say_bye(server_factory: Callable[..., RunningServer]) -> None:
+    srv = server_factory(
+        services=["imap"],
+        auth={"allow_plaintext_on_loopback": True},
+        imap={"pre_auth_timeout": 0.3, "idle_timeout": 0.5},
+    )
+    srv.add_user(USER, PASSWORD)
+    c = Raw(srv.host, srv.ports["imap"])
+    assert c.line().startswith(b"* BYE Autologout")  # nothing sent before login
+    c.close()
+    c = login(srv)
+    c.cmd("s", "SELECT INBOX")
+    c.send(b"i IDLE\r\n")
+    assert c.line().startswith(b"+ ")
+    assert c.line().startswith(b"* BYE Autologout")  # idle_timeout also bounds IDLE
+    c.close()
