@@ -47,8 +47,8 @@ class ScriptedMX:
         self.tls_done = False
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, host: str = "127.0.0.1") -> int:
+        self.server = await asyncio.start_server(self._serve, host, 0)
         return int(self.server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -115,10 +115,10 @@ class ScriptedMX:
 async def mx_factory() -> AsyncIterator[Callable[..., Any]]:
     servers: list[ScriptedMX] = []
 
-    async def make(*args: Any, **kwargs: Any) -> tuple[ScriptedMX, int]:
+    async def make(*args: Any, host: str = "127.0.0.1", **kwargs: Any) -> tuple[ScriptedMX, int]:
         mx = ScriptedMX(*args, **kwargs)
         servers.append(mx)
-        return mx, await mx.start()
+        return mx, await mx.start(host)
 
     yield make
     for s in servers:
@@ -280,3 +280,22 @@ async def test_connection_refused_defers() -> None:
     assert res.status == "deferred" and res.enhanced == "4.4.1"
     (gone,) = await ob.deliver("nowhere.test", "a@a.test", [Rcpt("x@nowhere.test")], b"S: x\r\n\r\nx\r\n")
     assert gone.status == "failed" and gone.enhanced == "5.1.2"
+
+
+class TwoHosts(Lookup):
+    """mx1 (preference 10) has only an address where nothing listens; mx2 (20) is on IPv6 loopback."""
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        return [(20, "mx2.b.test"), (10, "mx1.b.test")]
+
+    async def addresses(self, host: str) -> list[str]:
+        return ["127.0.0.9"] if host == "mx1.b.test" else ["::1"]
+
+
+async def test_falls_back_to_the_next_mx_over_ipv6(mx_factory: Callable[..., Any]) -> None:
+    mx, port = await mx_factory(["PIPELINING"], host="::1")
+    ob = Outbound(DeliveryConfig(smtp_port=port, connect_timeout=5, command_timeout=5), "mx.a.test", TwoHosts())
+    (res,) = await ob.deliver("b.test", "a@a.test", [Rcpt("bob@b.test")], b"S: x\r\n\r\nx\r\n")
+    await ob.close()
+    assert res.status == "delivered" and res.remote == "mx2.b.test"
+    assert len(mx.payloads) == 1
