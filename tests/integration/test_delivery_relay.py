@@ -324,6 +324,7 @@ async def test_null_mx_fails_at_once(
     await asyncio.to_thread(submit, a, "x@nomail.test", "null mx")
     (report,) = await wait_for(lambda: a.inbox("alice@a.test"))
     assert b"Status: 5.1.10" in report and b"Action: failed" in report
+    assert b"accepts no mail (null MX, RFC 7505)" in report  # the reason, in the human-readable part
 
 
 async def _entries_with(a: Instance, pred: Callable[[QueueEntry], bool]) -> list[QueueEntry]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,24 @@ async def test_bounce_delivered_with_mail_from_null(app: App, receiver: Any) -> 
     (mail_from, rcpts, _content) = receiver.messages[0]
     assert mail_from == "<>" or mail_from == ""
     assert rcpts == ["carol@b.test"] and await inbox(app) == []
+
+
+async def test_stop_mid_attempt_makes_the_entry_due_again(app: App, receiver: Any) -> None:
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_data(server: Any, session: Any, envelope: Any) -> str:
+        arrived.set()
+        await release.wait()  # never answered while the runner runs
+        return "250 OK"
+
+    receiver.handle_DATA = slow_data
+    await queue(app, "alice@a.test")
+    runner = QueueRunner(app, lookup=ToLoopback())
+    await runner.start()
+    await asyncio.wait_for(arrived.wait(), 20)
+    assert await app.store.queue_due(time.time()) == []  # claimed by the running attempt
+    await runner.stop()
+    release.set()
+    (due,) = await app.store.queue_due(time.time())  # not after the claim's 10 minutes: now
+    assert due.recipient == "bob@b.test" and due.status == "pending"

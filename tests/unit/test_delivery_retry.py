@@ -44,7 +44,7 @@ def test_smarthost_urls_and_presets(tmp_path: Path) -> None:
     g = smarthost.parse("gmail://me@gmail.com", env={smarthost.PASSWORD_ENV: "app-pw"})
     assert g is not None and (g.host, g.port, g.security, g.verify) == ("smtp.gmail.com", 587, "starttls", True)
     o = smarthost.parse("office365")
-    assert o is not None and o.host == "smtp.office365.com" and o.concurrency == 3
+    assert o is not None and o.host == "smtp.office365.com" and o.concurrency == 3 and o.per_minute == 30
     with pytest.raises(ConfigError):
         smarthost.parse("smtp://u:inline@relay.test")  # never a password in the URL
     with pytest.raises(ConfigError):
@@ -93,3 +93,14 @@ def test_dkim_only_for_local_domains(tmp_path: Path) -> None:
     nokeys = MSG.replace(b"alice@a.test", b"x@nokeys.test")
     assert signer.sign(nokeys, "x@nokeys.test") == nokeys
     assert from_domain(b"From: =?utf-8?q?A?=\r\n <A@A.Test>\r\n\r\n") == "a.test"
+
+
+def test_smarthost_rate_limit_token_bucket() -> None:
+    rl = smarthost.RateLimit(30, now=1000.0)  # 30 a minute: one every 2 s after a burst of 30
+    waits = [rl.reserve(1000.0) for _ in range(32)]
+    assert waits[:30] == [0.0] * 30
+    assert waits[30] == pytest.approx(2.0) and waits[31] == pytest.approx(4.0)
+    # a minute later the bucket has refilled the two borrowed tokens and 28 more
+    assert rl.reserve(1060.0) == 0.0
+    later = [rl.reserve(1060.0) for _ in range(30)]
+    assert sum(1 for w in later if w == 0.0) == 27 and max(later) > 0

@@ -37,6 +37,7 @@ class RecipientStatus:
     orcpt: str = ""  # as received, e.g. "rfc822;bob@b.test"
     last_attempt: float = 0.0
     will_retry_until: float = 0.0  # for "delayed"
+    reason: str = ""  # why, when no remote reply says it (e.g. "domain x accepts no mail (null MX)")
 
 
 def wants_dsn(sender: str, notify: str, action: Action) -> bool:
@@ -98,6 +99,8 @@ def compose(
         lines_human.append(f"<{_one_line(s.recipient)}>: {s.action}")
         if s.diagnostic:
             lines_human.append(f"    {_one_line(s.remote_mta) or host} said: {_one_line(s.diagnostic)}")
+        elif s.reason:
+            lines_human.append(f"    {_one_line(s.reason)}")
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: <{_one_line(sender)}>",

@@ -33,7 +33,7 @@ from postroom.delivery.client import Rcpt, SmtpClient
 from postroom.delivery.dkimsign import DkimSigner
 from postroom.delivery.limits import DeliveryConfig
 from postroom.delivery.routing import Hop, Lookup, resolve_route
-from postroom.delivery.smarthost import Smarthost
+from postroom.delivery.smarthost import RateLimit, Smarthost
 from postroom.delivery.wire import Reply
 from postroom.errors import (
     DeliveryError,
@@ -109,7 +109,12 @@ class Outbound:
         self._all = asyncio.Semaphore(max(1, config.max_connections))
         self._lookups: dict[str, asyncio.Future[tuple[list[Hop], int]]] = {}
         self._routes: dict[str, tuple[float, tuple[list[Hop], int]]] = {}
-        self._no_tls: dict[str, float] = {}  # addresses whose handshake failed (opportunistic: go plain)
+        self._no_tls: dict[str, float] = {}
+        self._rate: RateLimit | None = None
+        if smarthost is not None and smarthost.per_minute > 0:
+            self._rate = RateLimit(
+                smarthost.per_minute, time.monotonic()
+            )  # addresses whose handshake failed (opportunistic: go plain)
 
     # -- connections ----------------------------------------------------------------------------
     def _dest_limit(self, key: str) -> asyncio.Semaphore:
@@ -280,6 +285,10 @@ class Outbound:
             return [o or Outcome.from_error(exc) for o in outcomes]
         last = "no address to try"
         key_dest = "smarthost" if self.smarthost is not None else domain
+        if self._rate is not None:  # the provider's sending limit (e.g. Office 365: 30 a minute)
+            wait = self._rate.reserve(time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
         async with self._dest_limit(key_dest), self._all:
             for hop in hops:
                 for address in hop.addresses:

@@ -81,13 +81,21 @@ class QueueRunner:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="queue-runner")
 
     async def stop(self) -> None:
+        """Cancel the loop and in-flight attempts; their entries are made due again at once (instead of
+        waiting for the store's claim to lapse), so a restart picks them up. At worst one is sent twice."""
         task, self._task = self._task, None
         jobs = list(self._jobs)
+        interrupted = sorted(self._inflight)
         for t in ([task] if task else []) + jobs:
             t.cancel()
         for t in ([task] if task else []) + jobs:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if interrupted:
+            try:
+                await self.store.queue_retry(interrupted)
+            except StoreError as exc:
+                log.warning("could not release %d interrupted queue entries: %s", len(interrupted), exc)
         await self.outbound.close()
 
     async def run_once(self) -> int:
@@ -231,12 +239,12 @@ class QueueRunner:
     def _status(
         e: QueueEntry, o: Outcome, action: dsn.Action, enhanced: str, now: float, until: float = 0.0
     ) -> dsn.RecipientStatus:
-        diagnostic = o.reply if o.remote else ""
         return dsn.RecipientStatus(
             recipient=e.recipient,
             action=action,
             status=enhanced or ("2.0.0" if action == "relayed" else "5.0.0"),
-            diagnostic=diagnostic,
+            diagnostic=o.reply if o.remote else "",  # an SMTP reply (RFC 3464 §2.3.6 "smtp;")
+            reason="" if o.remote else o.reply,  # our own finding (DNS, connection, address check)
             remote_mta=o.remote,
             orcpt=e.orcpt,
             last_attempt=now,

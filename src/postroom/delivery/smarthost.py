@@ -37,14 +37,22 @@ class Smarthost:
     password: str = ""
     concurrency: int = 0  # connections at once (0: the destination_concurrency)
     messages_per_connection: int = 0  # 0: the configured default
+    per_minute: int = 0  # messages a minute at most (0: no limit)
 
 
 #: Provider presets (the seed's table: Gmail 587/STARTTLS and 465/TLS, Office 365 587/STARTTLS).
-#: Office 365 allows 3 concurrent connections per mailbox and 30 messages a minute; Gmail ~10 at once.
+#: Office 365 / Outlook.com allow 3 concurrent connections per mailbox and 30 messages a minute (Exchange
+#: Online sending limits); Gmail publishes daily quotas only, 20 a minute keeps a day's burst under them.
 PRESETS: dict[str, Smarthost] = {
-    "gmail": Smarthost("smtp.gmail.com", 587, "starttls", True, concurrency=5, messages_per_connection=50),
-    "office365": Smarthost("smtp.office365.com", 587, "starttls", True, concurrency=3, messages_per_connection=30),
-    "outlook": Smarthost("smtp-mail.outlook.com", 587, "starttls", True, concurrency=3, messages_per_connection=30),
+    "gmail": Smarthost(
+        "smtp.gmail.com", 587, "starttls", True, concurrency=5, messages_per_connection=50, per_minute=20
+    ),
+    "office365": Smarthost(
+        "smtp.office365.com", 587, "starttls", True, concurrency=3, messages_per_connection=30, per_minute=30
+    ),
+    "outlook": Smarthost(
+        "smtp-mail.outlook.com", 587, "starttls", True, concurrency=3, messages_per_connection=30, per_minute=30
+    ),
 }
 
 _SCHEMES: dict[str, tuple[Security, int, bool]] = {
@@ -96,3 +104,23 @@ def parse(url: str, password_file: str = "", env: dict[str, str] | None = None) 
             raise ConfigError(f"delivery.smarthost: no password (smarthost_password_file or ${PASSWORD_ENV})")
         host = replace(host, password=password)
     return host
+
+
+class RateLimit:
+    """At most ``per_minute`` messages in any 60 seconds, as a token bucket (burst = ``per_minute``).
+
+    Sans-I/O: :meth:`reserve` takes the current time and returns how long the caller must wait before its
+    message may go; the reservation is made at once, so concurrent callers queue up in order.
+    """
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.interval = 60.0 / per_minute
+        self.capacity = float(per_minute)
+        self.tokens = float(per_minute)
+        self.stamp = now
+
+    def reserve(self, now: float) -> float:
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) / self.interval)
+        self.stamp = now
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens * self.interval
