@@ -5,9 +5,9 @@ Invariants:
 - **250 means durable**: the reply to the final dot / BDAT LAST is queued only after ``store.append``
   returned (the store fsyncs, with group commit). Any failure gives 451 4.3.0 (StoreFullError: 452 4.3.1),
   never 250. One stored copy serves every local recipient of a transaction.
-- Remote recipients (submission only) go to the outbound queue through the same ``append``; when a
-  transaction has both, the queued copy is stored without ``Return-Path:`` (RFC 5321 §4.4: it is added at
-  final delivery only).
+- Remote recipients (submission only) go to the outbound queue through the same ``append`` call, in the
+  same commit as the local copies. ``Return-Path:`` is added only when there are local recipients; the
+  queue runner drops a leading ``Return-Path:`` before relaying (RFC 5321 §4.4).
 - After STARTTLS the Connection drops unread plaintext and the core drops what it buffered.
 - Deadlines: a command must be complete within ``command_timeout`` of the previous one (a client trickling
   bytes does not reset it); message content must progress every ``data_timeout`` and finish within
@@ -298,21 +298,21 @@ class Session:
             recipient=only,
         )
         mail = env.mail
-        body = received + event.data
+        outbound = None
+        if remote:
+            outbound = OutboundEnvelope(
+                sender=str(mail.sender) if mail.sender is not None else "",
+                recipients=tuple(remote),
+                ret=mail.ret,
+                envid=mail.envid,
+                smtputf8=mail.smtputf8,
+                eight_bit=mail.body == "8BITMIME" or not event.data.isascii(),
+            )
+        # One stored copy, one commit, for the local mailboxes and the queue alike (atomic: a failure
+        # leaves nothing half-delivered for the client's retry to duplicate).
+        raw = (trace.return_path(mail.sender) if mailboxes else b"") + received + event.data
         try:
-            if remote:
-                outbound = OutboundEnvelope(
-                    sender=str(mail.sender) if mail.sender is not None else "",
-                    recipients=tuple(remote),
-                    ret=mail.ret,
-                    envid=mail.envid,
-                    smtputf8=mail.smtputf8,
-                    eight_bit=mail.body == "8BITMIME" or not event.data.isascii(),
-                )
-                await self.app.store.append(body, [], outbound)
-            if mailboxes:
-                raw = trace.return_path(mail.sender) + body
-                await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes])
+            await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes], outbound)
         except StoreFullError:
             self.log.error("store full, message %s refused", queue_id)
             return replies.STORAGE_FULL
