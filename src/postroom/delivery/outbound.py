@@ -110,6 +110,7 @@ class Outbound:
         self._lookups: dict[str, asyncio.Future[tuple[list[Hop], int]]] = {}
         self._routes: dict[str, tuple[float, tuple[list[Hop], int]]] = {}
         self._no_tls: dict[str, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._rate: RateLimit | None = None
         if smarthost is not None and smarthost.per_minute > 0:
             self._rate = RateLimit(
@@ -143,13 +144,19 @@ class Outbound:
         if client.usable and client.transactions < limit:
             self._idle.setdefault(key, []).append((client, time.monotonic()))
         else:
-            asyncio.get_running_loop().create_task(client.quit())
+            self._quit_later(client)
 
     def has_idle(self) -> bool:
         return any(self._idle.values())
 
+    def _quit_later(self, client: SmtpClient) -> None:
+        """QUIT in the background (the task is kept referenced until it is done)."""
+        task = asyncio.get_running_loop().create_task(client.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def reap(self) -> None:
-        """Close connections idle longer than ``connection_idle``."""
+        """Close connections idle longer than ``connection_idle`` (QUIT runs in the background)."""
         now = time.monotonic()
         for key in list(self._idle):
             keep = []
@@ -157,7 +164,7 @@ class Outbound:
                 if client.usable and now - since < self.cfg.connection_idle:
                     keep.append((client, since))
                 else:
-                    await client.quit()
+                    self._quit_later(client)
             if keep:
                 self._idle[key] = keep
             else:
@@ -166,6 +173,8 @@ class Outbound:
     async def close(self) -> None:
         pools, self._idle = self._idle, {}
         await asyncio.gather(*(c.quit() for pool in pools.values() for c, _ in pool), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     async def _open(self, address: str, port: int, host: str) -> SmtpClient:
         """A ready session (greeted, EHLO'd, TLS per policy, authenticated for a smarthost)."""
