@@ -273,3 +273,35 @@ def test_garbage_instead_of_tls_handshake_just_closes(srv: RunningServer, caplog
     c.send(b"this is not a TLS ClientHello\r\n" * 4)
     assert c.closed()
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_stalled_data_times_out(server_factory: Factory) -> None:
+    srv = server_factory(services=["smtp"], smtp={"data_timeout": 0.5})
+    srv.add_user(ALICE, ALICE_PW)
+    c = open_tx(srv)
+    c.send(b"Subject: stalled\r\n\r\nhalf a mess")
+    assert c.reply().startswith(b"421 4.4.2")
+    assert c.closed()
+    assert srv.inbox(ALICE) == []
+
+
+def test_data_deadline_bounds_a_trickled_message(server_factory: Factory) -> None:
+    """Bytes keep arriving (no idle timeout), but the whole message must arrive within data_deadline."""
+    srv = server_factory(services=["smtp"], smtp={"data_timeout": 5.0, "data_deadline": 0.6})
+    srv.add_user(ALICE, ALICE_PW)
+    c = open_tx(srv)
+    c.sock.settimeout(0.1)
+    start = time.monotonic()
+    got = b""
+    while time.monotonic() - start < 5:
+        try:
+            c.send(b"x")
+            got = c.sock.recv(1000)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if got:
+            break
+    assert got.startswith(b"421 4.4.2"), got
+    assert srv.inbox(ALICE) == []
