@@ -13,7 +13,8 @@ Invariants:
 - Replies decide: 2xx sent; 5xx failed, never retried; 4xx (including 421) and lost connections before DATA
   back off exponentially and retry up to ``max_attempts``. A connection lost *during* DATA is ``unknown``
   (the server may have accepted it) and never retried automatically.
-- ``on_sending`` is awaited (the ledger commit) after the recipients are accepted and before DATA.
+- ``on_sending`` (the ledger's durable "sending" mark) runs while MAIL and RCPT are in flight and is
+  awaited before DATA: nothing of the message is transmitted before the mark is on disk.
 - Provider limits are enforced here: messages per minute is a pace, recipients per message is checked in
   the plan, per-day limits are checked against the ledger before sending.
 """
@@ -330,15 +331,18 @@ class Sender:
                 if exc.stage == "auth" and 500 <= exc.code < 600:
                     return Outcome("failed", f"{exc.code} {exc.detail}")
                 return Outcome("deferred", f"{exc.stage}: {exc.detail}")
+        options = ["SMTPUTF8"] if env.smtputf8 else []
+        if env.smtputf8 and not smtp.supports_extension("smtputf8"):
+            self._release(smtp, used)
+            return Outcome("failed", "the server does not support SMTPUTF8 (RFC 6531) for these addresses")
+        # The durable "sending" mark is written while MAIL and RCPT travel; DATA waits for it.
+        marked = asyncio.ensure_future(on_sending())
         try:
-            options = ["SMTPUTF8"] if env.smtputf8 else []
-            if env.smtputf8 and not smtp.supports_extension("smtputf8"):
-                self._release(smtp, used)
-                return Outcome("failed", "the server does not support SMTPUTF8 (RFC 6531) for these addresses")
             await smtp.mail(env.sender, options=options, timeout=COMMAND_TIMEOUT)
             for rcpt in env.recipients:
                 await smtp.rcpt(rcpt, timeout=COMMAND_TIMEOUT)
         except aiosmtplib.SMTPResponseException as exc:
+            await marked
             if exc.code != 421 and await _reset(smtp):
                 self._release(smtp, used)
             else:
@@ -346,10 +350,14 @@ class Sender:
             status = "failed" if 500 <= exc.code < 600 else "deferred"
             return Outcome(status, f"{exc.code} {exc.message}")
         except (aiosmtplib.SMTPException, OSError) as exc:
+            await marked
             smtp.close()
             return Outcome("deferred", f"connection lost before DATA: {exc}", retry_now=used > 0)
+        except BaseException:
+            marked.cancel()
+            raise
         try:
-            await on_sending()
+            await marked
             reply = await smtp.data(env.data, timeout=DATA_TIMEOUT)
         except aiosmtplib.SMTPResponseException as exc:
             # A reply to DATA or to the final dot that is not 2xx: the server did not take the message.
