@@ -338,9 +338,12 @@ class Sender:
         # The durable "sending" mark is written while MAIL and RCPT travel; DATA waits for it.
         marked = asyncio.ensure_future(on_sending())
         try:
-            await smtp.mail(env.sender, options=options, timeout=COMMAND_TIMEOUT)
-            for rcpt in env.recipients:
-                await smtp.rcpt(rcpt, timeout=COMMAND_TIMEOUT)
+            # One deadline for the envelope instead of one timer task per command (aiosmtplib's
+            # per-command timeout costs a task each; at thousands of messages a second that shows).
+            async with asyncio.timeout(COMMAND_TIMEOUT * (1 + len(env.recipients))):
+                await smtp.mail(env.sender, options=options, timeout=None)
+                for rcpt in env.recipients:
+                    await smtp.rcpt(rcpt, timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             await marked
             if exc.code != 421 and await _reset(smtp):
@@ -349,16 +352,17 @@ class Sender:
                 smtp.close()
             status = "failed" if 500 <= exc.code < 600 else "deferred"
             return Outcome(status, f"{exc.code} {exc.message}")
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             await marked
             smtp.close()
-            return Outcome("deferred", f"connection lost before DATA: {exc}", retry_now=used > 0)
+            return Outcome("deferred", f"connection lost before DATA: {exc!r}", retry_now=used > 0)
         except BaseException:
             marked.cancel()
             raise
         try:
             await marked
-            reply = await smtp.data(env.data, timeout=DATA_TIMEOUT)
+            async with asyncio.timeout(DATA_TIMEOUT):
+                reply = await smtp.data(env.data, timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             # A reply to DATA or to the final dot that is not 2xx: the server did not take the message.
             if exc.code != 421 and await _reset(smtp):
@@ -367,7 +371,7 @@ class Sender:
                 smtp.close()
             status = "failed" if 500 <= exc.code < 600 else "deferred"
             return Outcome(status, f"{exc.code} {exc.message}")
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             smtp.close()
             return Outcome("unknown", f"connection lost during DATA; the server may have accepted it ({exc})")
         self._release(smtp, used + 1)
