@@ -217,7 +217,11 @@ async def _serve(conn: Connection, app: App, session: Session, reader: CommandRe
                 return
             if outcome is Outcome.STARTTLS:
                 reader.clear()
-                await conn.start_tls(app.tls)
+                try:
+                    await conn.start_tls(app.tls)
+                except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                    log.warning("imap STARTTLS handshake with %s failed: %s", conn.peer[0], exc)
+                    return
                 reader.clear()
             elif outcome is Outcome.IDLE and not await _idle(conn, session, reader, ev):
                 return
