@@ -103,3 +103,17 @@ def test_sequence_set_round_trip(numbers: set[int]) -> None:
     ordered = sorted(numbers)
     parsed = seqset(seq_text(ordered))
     assert [n for n in range(1, 501) if parsed.contains(n, 500)] == ordered
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200).filter(lambda b: b"\x00" not in b))
+def test_encoded_strings_round_trip_through_reader_and_tokenizer(value: bytes) -> None:
+    """What the encoder sends as a string (quoted or literal) reads back as exactly those octets."""
+    from postroom.imap.encode import qstr_bytes
+
+    wire = qstr_bytes(value)
+    if not wire.startswith(b"{"):
+        assert b"\r" not in wire and b"\n" not in wire  # a quoted string can never break the line
+    cmds = [e for e in events([b"t X " + wire + b"\r\n"]) if isinstance(e, Command)]
+    assert len(cmds) == 1
+    assert tokenize(cmds[0])[2] == [value]
