@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS queue(
     orcpt TEXT NOT NULL DEFAULT '',
     claimed_until REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS queue_due ON queue(status, next_attempt);
+CREATE INDEX IF NOT EXISTS queue_message ON queue(message_id);
 """
 
 
