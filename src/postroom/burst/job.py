@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
@@ -277,7 +278,7 @@ async def _deliver(
                 "earlier run that was interrupted; check, then re-run with --resend-unknown if it was not",
             )
         if transport is not None:
-            todo, note = _daily_allowance(ledger, transport, todo)
+            todo, note = daily_allowance(ledger, transport, todo)
             if note:
                 _say(opts, note)
         if todo:
@@ -302,12 +303,11 @@ async def _deliver(
     return EXIT_OK if ok else EXIT_FAILED
 
 
-def _daily_allowance(ledger: Ledger, t: Transport, todo: list[Item]) -> tuple[list[Item], str]:
+def daily_allowance(ledger: Ledger, t: Transport, todo: list[Item]) -> tuple[list[Item], str]:
+    """The messages the provider's daily limits still allow (counting what the ledger sent in 24 h)."""
     lim = t.limits
     if lim.messages_per_day is None and lim.recipients_per_day is None:
         return todo, ""
-    import time
-
     msgs, rcpts = ledger.sent_since(time.time() - DAY)
     allowed: list[Item] = []
     for it in todo:
