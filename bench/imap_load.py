@@ -495,15 +495,23 @@ def main() -> int:
             results.update(measure([postroom], args))
         else:
             stock_conf, perf_conf, dport = prepared
-            for n, variant in enumerate(variants):
-                pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
+            for variant in variants:
+                try:
+                    pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
+                except (OSError, RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
+                    print(f"  dovecot-{variant} skipped: could not start it ({exc})", flush=True)
+                    continue
                 try:
                     index_dovecot(stock_conf)
                     dovecot: Target = (f"dovecot-{variant}", dport, [f"user{u:02d}" for u in range(1, args.users + 1)])
                     # Postroom is measured beside the first variant only (interleaved with it).
-                    results.update(measure([postroom, dovecot] if n == 0 else [dovecot], args))
+                    results.update(measure([postroom, dovecot] if "postroom" not in results else [dovecot], args))
+                except RuntimeError as exc:
+                    print(f"  dovecot-{variant} skipped: {exc}", flush=True)
                 finally:
                     stop_dovecot(pid)
+            if "postroom" not in results:
+                results.update(measure([postroom], args))
     finally:
         stop(proc)
 
