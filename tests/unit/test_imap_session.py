@@ -302,3 +302,23 @@ def test_fetch_of_many_bodies_streams_with_drains() -> None:
     # the response went out in steps of about 64 KB, each followed by a drain, not built whole
     assert len(c.drains) >= 3
     assert all(b - a <= 64 * 1024 + len(big) + 100 for a, b in zip([0, *c.drains], c.drains, strict=False))
+
+
+def test_header_fields_of_many_messages_come_from_the_structures() -> None:
+    class Counting(FakeStore):
+        reads = 0
+
+        async def read_range(self, blob_id: int, offset: int, length: int) -> bytes:
+            Counting.reads += 1
+            return await super().read_range(blob_id, offset, length)
+
+    store = Counting()
+    for _ in range(5):
+        store.deliver("INBOX", PLAIN)
+    c = Client(store)
+    c.cmd("s EXAMINE INBOX")
+    out = c.cmd("f UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (Subject DATE)] RFC822.HEADER)")
+    assert out[0] == "* 1 FETCH (UID 1 BODY[HEADER.FIELDS (SUBJECT DATE)] {56}"
+    assert out[1:3] == ["Subject: first", "Date: Mon, 7 Feb 1994 21:52:25 -0800"]
+    assert out[-1] == "f OK UID FETCH completed"
+    assert Counting.reads == 0  # the first sync of a mail client costs no per-message read

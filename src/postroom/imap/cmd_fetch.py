@@ -77,6 +77,12 @@ def _part_node(struct: dict[str, Any], path: tuple[int, ...]) -> dict[str, Any] 
     return node
 
 
+def _top_header(struct: dict[str, Any]) -> bytes | None:
+    """The stored top-level header block (structure version ≥ 4), or None for older structures."""
+    text = struct.get("header")
+    return text.encode("latin-1") if isinstance(text, str) else None
+
+
 def filter_headers(block: bytes, fields: tuple[str, ...], keep: bool) -> bytes:
     """The header lines whose names are (``keep``) or are not in ``fields``, then the blank line."""
     wanted = {f.lower().encode() for f in fields}
@@ -134,9 +140,12 @@ async def _section_bytes(s: Session, meta: MetaLike, att: FetchAtt, struct: dict
     if where is None:
         return None
     offset, length = where
+    top_header = _top_header(struct) if not sec.path and sec.text.startswith("HEADER") else None
     if sec.text.startswith("HEADER.FIELDS"):
-        block = await s.store.read_range(meta.blob_id, offset, length)
+        block = top_header if top_header is not None else await s.store.read_range(meta.blob_id, offset, length)
         return filter_headers(block, sec.fields, keep=sec.text == "HEADER.FIELDS")
+    if top_header is not None and att.partial is None:
+        return top_header
     if att.partial is not None:
         origin, count = att.partial
         if origin >= length:
@@ -189,7 +198,8 @@ async def _render(
         elif name in ("RFC822.HEADER", "RFC822.TEXT"):
             hs = int(struct["header_size"]) if struct is not None else 0
             if name == "RFC822.HEADER":
-                data = await s.store.read_range(meta.blob_id, 0, hs)
+                cached = _top_header(struct) if struct is not None else None
+                data = cached if cached is not None else await s.store.read_range(meta.blob_id, 0, hs)
             else:
                 data = await s.store.read_range(meta.blob_id, hs, meta.size - hs)
             items.append(name.encode() + b" {%d}\r\n" % len(data) + data)

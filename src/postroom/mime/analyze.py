@@ -4,6 +4,9 @@
 
 - ``"v"``: STRUCTURE_VERSION; a store re-analyzes rows whose version is older.
 - ``"header_size"``: octets of the top-level header block including the blank line.
+- ``"header"``: that block itself, as ``latin-1`` text (a lossless octet ↔ character mapping), so
+  ``BODY[HEADER]``, ``BODY[HEADER.FIELDS (…)]`` and ``RFC822.HEADER`` of many messages come with one
+  ``structures`` call instead of one ``read_range`` per message (what mail clients fetch on first sync).
 - ``"lines"``: number of lines of the whole message.
 - ``"search_headers"`` / ``"search_body"``: searchable text for the full-text index: decoded header
   values, and the decoded text parts (plus headers of attached messages). SEARCH TEXT uses both, BODY the
@@ -34,7 +37,7 @@ from typing import Any
 
 from postroom.mime.headers import decode_words, envelope, param, parse_date, parse_fields, parse_params
 
-STRUCTURE_VERSION = 3
+STRUCTURE_VERSION = 4
 
 MAX_DEPTH = 32  # MIME nesting levels analysed; deeper parts are leaves (bounds recursion on hostile input)
 MAX_TEXT = 512 * 1024  # characters of searchable text kept per message
@@ -204,6 +207,7 @@ def analyze(raw: bytes) -> dict[str, Any]:
     return {
         "v": STRUCTURE_VERSION,
         "header_size": header_end,
+        "header": raw[:header_end].decode("latin-1"),
         "lines": _count_lines(raw, 0, len(raw)),
         "search_headers": search_headers,
         "search_body": "".join(an.texts),
