@@ -238,6 +238,7 @@ def test_mailbox_management_and_list() -> None:
     assert c.cmd("b CREATE Projects/2026") == ["b NO [ALREADYEXISTS] Mailbox exists already"]
     assert c.cmd('c LIST "" "*"') == [
         '* LIST (\\HasNoChildren) "/" INBOX',
+        '* LIST (\\HasChildren) "/" Projects',
         '* LIST (\\HasNoChildren) "/" Projects/2026',
         '* LIST (\\HasNoChildren \\Sent) "/" Sent',
         '* LIST (\\HasNoChildren \\Trash) "/" Trash',

@@ -8,6 +8,7 @@ Invariants: the hierarchy separator is ``/``; INBOX cannot be deleted; APPEND in
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
@@ -174,6 +175,12 @@ async def create(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome 
             use = canon
     if not name or name == "INBOX" or "//" in name or name.startswith("/"):
         raise No("Cannot create a mailbox of that name", "CANNOT")
+    parts = name.split("/")
+    for depth in range(1, len(parts)):  # RFC 9051 §6.3.4: create the superior names that are missing
+        parent = "/".join(parts[:depth])
+        if parent != "INBOX" and await s.store.get_mailbox(s.account.id, parent) is None:
+            with contextlib.suppress(AlreadyExistsError):
+                await s.store.create_mailbox(s.account.id, parent)
     try:
         await s.store.create_mailbox(s.account.id, name, use)
     except AlreadyExistsError:
