@@ -254,3 +254,19 @@ async def test_aiosmtplib_many_messages_one_session(srv: RunningServer) -> None:
         for i in range(20):
             await client.sendmail("s@remote.test", [ALICE], b"Subject: n%d\r\n\r\nbody\r\n" % i)
     assert len(srv.inbox(ALICE)) == 20
+
+
+def test_graceful_shutdown_says_421_to_waiting_sessions(srv: RunningServer) -> None:
+    from postroom.net.server import shutdown
+
+    idle = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
+    f = idle.makefile("rb")
+    assert f.readline().startswith(b"220")
+    idle.sendall(b"EHLO c\r\n")
+    while f.readline()[3:4] == b"-":
+        pass
+    cancelled = srv.call(shutdown(srv.listeners, grace=10.0))
+    assert f.readline().startswith(b"421 4.3.2")
+    assert f.readline() == b""
+    assert cancelled == 0  # nobody had to be cancelled: the idle session left by itself
+    idle.close()

@@ -12,6 +12,8 @@ Invariants:
 - Deadlines: a command must be complete within ``command_timeout`` of the previous one (a client trickling
   bytes does not reset it); message content must progress every ``data_timeout`` and finish within
   ``data_deadline``. Then 421 and close.
+- Graceful shutdown (``net.server.shutdown_event``): a session waiting for a command answers ``421 4.3.2``
+  and closes; one receiving or storing a message finishes it (250 or 4xx) and then says 421.
 - CancelledError is never swallowed; an unexpected exception while delivering becomes 451 4.3.0 and is
   logged with its traceback.
 """
@@ -30,6 +32,7 @@ from typing import Any
 from postroom.app import App, ListenerSpec
 from postroom.errors import StoreFullError
 from postroom.net.connection import Connection
+from postroom.net.server import shutdown_event
 from postroom.smtp import policy, trace
 from postroom.smtp.events import AuthAttempt, Close, MailFrom, Message, NeedData, RcptTo, StartTls
 from postroom.smtp.server import Settings, SmtpServer
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 _PREFIX = os.urandom(3).hex()
 
+#: How often (seconds) sessions waiting for a command look for a graceful shutdown (one timer per App).
+SHUTDOWN_POLL = 0.5
 #: Recipient lookups are cached this long (seconds) per process; a new account is found within it.
 RCPT_CACHE_TTL = 2.0
 RCPT_CACHE_SIZE = 10_000
@@ -111,6 +116,12 @@ class _Deadline:
             self._handle.cancel()
             self._handle = None
 
+    def interrupt(self) -> None:
+        """End the current read now (graceful shutdown); no-op when no read is armed."""
+        if self._when != math.inf:
+            self._fired = True
+            self._task.cancel()
+
     def _check(self) -> None:
         self._handle = None
         if self._when == math.inf:
@@ -127,6 +138,40 @@ class _Deadline:
             return False
         self._fired = False
         return self._task.uncancel() == 0
+
+
+class _Idle:
+    """Sessions waiting for their next command. When the server begins a graceful shutdown they answer
+    ``421 4.3.2`` and close at once; sessions busy with a message finish it first. One polling timer per
+    App while any session waits, instead of a waiter task per connection."""
+
+    def __init__(self, app: App, loop: asyncio.AbstractEventLoop) -> None:
+        self.stopping = shutdown_event(app)
+        self.loop = loop
+        self.waiting: set[_Deadline] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def of(app: App) -> _Idle:
+        idle = app.extras.get("smtp.idle")
+        loop = asyncio.get_running_loop()
+        if not isinstance(idle, _Idle) or idle.loop is not loop:
+            idle = _Idle(app, loop)
+            app.extras["smtp.idle"] = idle
+        return idle
+
+    def add(self, deadline: _Deadline) -> None:
+        self.waiting.add(deadline)
+        if self._handle is None:
+            self._handle = self.loop.call_later(SHUTDOWN_POLL, self._poll)
+
+    def _poll(self) -> None:
+        self._handle = None
+        if self.stopping.is_set():
+            for deadline in list(self.waiting):
+                deadline.interrupt()
+        elif self.waiting:
+            self._handle = self.loop.call_later(SHUTDOWN_POLL, self._poll)
 
 
 class Session:
@@ -164,6 +209,7 @@ class Session:
     async def _loop(self, deadline: _Deadline) -> None:
         core, conn, limits = self.core, self.conn, self.limits
         loop = asyncio.get_running_loop()
+        idle = _Idle.of(self.app)
         seen_commands = -1
         command_deadline = 0.0
         data_deadline: float | None = None
@@ -185,17 +231,26 @@ class Session:
                         seen_commands = core.commands
                         command_deadline = now + limits.command_timeout
                     until = command_deadline
+                between_commands = not core.in_data
+                if between_commands and idle.stopping.is_set():
+                    core.shutting_down()  # 421 4.3.2: the server is going away (RFC 5321 §3.8)
+                    continue
                 data = b""
                 if until > now:
                     deadline.arm(until)
+                    if between_commands:
+                        idle.add(deadline)
                     try:
                         data = await conn.read(65536)
                     except asyncio.CancelledError:
                         if not deadline.expired():
                             raise
+                        if idle.stopping.is_set() and between_commands:
+                            continue  # back to the top: 421 4.3.2 and close
                         until = now
                     finally:
                         deadline.disarm()
+                        idle.waiting.discard(deadline)
                 if until <= now:
                     self.log.warning("timeout, closing")
                     core.timed_out()
