@@ -277,3 +277,25 @@ def test_invalid_address_blocks_the_job_unless_skip_invalid(tmp_path: Path, sink
     assert "page 6" in (out / "preflight.txt").read_text() and "invalid address" in (out / "preflight.txt").read_text()
     assert burst(pdf, "--config", job, "--transport", url, "--out", out, "--skip-invalid") == 0
     assert len(sink.messages()) == 3
+
+
+def test_without_config_the_login_is_the_sender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Sink(require_auth=True, users={"me@example.test": "pw"})
+    try:
+        monkeypatch.setenv("POSTROOM_SMTP_PASSWORD", "pw")
+        from reportlab.pdfgen import canvas
+
+        pdf = tmp_path / "r.pdf"
+        c = canvas.Canvas(str(pdf))
+        for i in range(2):
+            c.drawString(72, 700, f"<pdfexplode>c{i}@example.test</pdfexplode>")  # no message id: default
+            c.showPage()
+        c.save()
+        url = f"smtp://me%40example.test@127.0.0.1:{s.port}"  # AUTH without TLS: loopback only
+        assert burst(pdf, "--transport", url, "--out", tmp_path / "out") == 0
+        msgs = s.messages()
+        assert len(msgs) == 2 and {m.mail_from for m in msgs} == {"me@example.test"}
+        assert {parse(m.data)["From"] for m in msgs} == {"me@example.test"}
+        assert parse(msgs[0].data)["Subject"].startswith("Your document r-")
+    finally:
+        s.close()

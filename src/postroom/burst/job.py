@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import getpass
 import hashlib
@@ -194,6 +195,8 @@ def _run(opts: Options) -> int:
     )
     plan, rendered = preflight(job, plan, opts.pdf.stem)
     sender = _envelope_sender(job, rendered, transport)
+    if sender:  # no 'from' in the config: the login name is the From as well as the envelope sender
+        rendered = {k: r if r.sender else dataclasses.replace(r, sender=sender) for k, r in rendered.items()}
     out = output_dir(opts)
     report_path = _write_plan(out, plan, rendered)
     for p in plan.problems:
