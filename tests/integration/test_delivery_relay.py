@@ -126,7 +126,7 @@ class Instance:
 async def instances(
     tmp_path: Path, tls_files: tuple[Path, Path], zone: tuple[Zone, int]
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[Instance, Instance]]]]:
-    from tests.conftest import server_tls_context
+    from conftest import server_tls_context
 
     made: list[Instance] = []
     z, dns_port = zone

@@ -449,7 +449,7 @@ def test_user_added_while_running_in_a_new_domain_gets_mail_after_sighup(tmp_pat
 @pytest.mark.interop
 def test_openssl_s_client_on_every_port(tmp_path: Path, servers: list[Server]) -> None:
     """A real TLS client (openssl s_client) against each port: implicit TLS, or its STARTTLS dialect."""
-    from tests.conftest import require_program
+    from conftest import require_program
 
     openssl = require_program("openssl")
     services = available(ALL)
