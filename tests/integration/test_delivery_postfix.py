@@ -21,8 +21,8 @@ from typing import Any
 
 import dkim
 import pytest
-from conftest import require_program, server_tls_context
 
+from conftest import require_program, server_tls_context
 from postroom.app import App
 from postroom.auth.passwords import hash_password
 from postroom.auth.service import Authenticator

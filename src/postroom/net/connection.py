@@ -165,6 +165,4 @@ class Connection(asyncio.Protocol):
     @property
     def is_loopback(self) -> bool:
         host = self.peer[0]
-        return (
-            host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
-        )
+        return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
