@@ -299,3 +299,15 @@ def test_without_config_the_login_is_the_sender(tmp_path: Path, monkeypatch: pyt
         assert parse(msgs[0].data)["Subject"].startswith("Your document r-")
     finally:
         s.close()
+
+
+def test_internationalised_address_uses_smtputf8(tmp_path: Path, sink: Sink) -> None:
+    people = [Customer(1, "jörg@example.test", syntax="native"), Customer(2, "ann@example.test")]
+    pdf = make_report(tmp_path / "r.pdf", people)
+    url = f"smtp://127.0.0.1:{sink.port}"
+    assert burst(pdf, "--config", write_job(tmp_path), "--transport", url, "--out", tmp_path / "o") == 0
+    got = by_recipient(sink)
+    assert sorted(got) == ["ann@example.test", "jörg@example.test"]
+    raw = got["jörg@example.test"][0]
+    assert "To: jörg@example.test".encode() in raw  # RFC 6532: the address in UTF-8
+    assert pdf_page_titles(raw) == expected_titles(people[0])

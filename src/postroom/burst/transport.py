@@ -331,7 +331,7 @@ class Sender:
                 if exc.stage == "auth" and 500 <= exc.code < 600:
                     return Outcome("failed", f"{exc.code} {exc.detail}")
                 return Outcome("deferred", f"{exc.stage}: {exc.detail}")
-        options = ["SMTPUTF8"] if env.smtputf8 else []
+        options_b = [b"SMTPUTF8"] if env.smtputf8 else []
         if env.smtputf8 and not smtp.supports_extension("smtputf8"):
             self._release(smtp, used)
             return Outcome("failed", "the server does not support SMTPUTF8 (RFC 6531) for these addresses")
@@ -341,9 +341,11 @@ class Sender:
             # One deadline for the envelope instead of one timer task per command (aiosmtplib's
             # per-command timeout costs a task each; at thousands of messages a second that shows).
             async with asyncio.timeout(COMMAND_TIMEOUT * (1 + len(env.recipients))):
-                await smtp.mail(env.sender, options=options, timeout=None)
+                # Addresses were validated (postroom.wire.address) when the plan was made; execute_command
+                # still refuses CR/LF. Going around mail()/rcpt() saves re-parsing them per message.
+                await _expect(smtp, (250,), b"MAIL", b"FROM:<" + env.sender.encode() + b">", *options_b)
                 for rcpt in env.recipients:
-                    await smtp.rcpt(rcpt, timeout=None)
+                    await _expect(smtp, (250, 251), b"RCPT", b"TO:<" + rcpt.encode() + b">")
         except aiosmtplib.SMTPResponseException as exc:
             await marked
             if exc.code != 421 and await _reset(smtp):
@@ -382,6 +384,13 @@ class Sender:
             smtp.close()
         else:
             self._idle.append((smtp, used))
+
+
+async def _expect(smtp: aiosmtplib.SMTP, ok: tuple[int, ...], *args: bytes) -> None:
+    """Run one command; a reply outside ``ok`` raises :class:`aiosmtplib.SMTPResponseException`."""
+    reply = await smtp.execute_command(*args, timeout=None)
+    if reply.code not in ok:
+        raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> bool:
