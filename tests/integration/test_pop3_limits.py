@@ -90,3 +90,21 @@ def test_store_failures_become_err_replies_and_free_the_lock(server_factory: Fac
     again.pass_("pw")  # the lock was released
     assert again.retr(1)[1] == [b"Subject: s", b"", b"body"]
     again.quit()
+
+
+def test_login_delay_advertised_and_enforced(server_factory: Factory) -> None:
+    srv = server_factory(services=["pop3s"], pop3={"login_delay": 3600})
+    srv.add_user("eve@example.test", "pw")
+    first = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=srv.client_tls(), timeout=10)
+    assert first.capa()["LOGIN-DELAY"] == ["3600"]
+    first.user("eve@example.test")
+    first.pass_("pw")
+    first.quit()
+    second = poplib.POP3_SSL(srv.host, srv.ports["pop3s"], context=srv.client_tls(), timeout=10)
+    second.user("eve@example.test")
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[LOGIN-DELAY\]"):
+        second.pass_("pw")
+    second.user("eve@example.test")
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\] Authentication failed"):
+        second.pass_("wrong")  # the password is checked first: the delay tells nothing to a guesser
+    second.quit()

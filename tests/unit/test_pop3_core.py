@@ -230,6 +230,16 @@ def test_in_use() -> None:
     assert d.s.state is State.AUTHORIZATION
 
 
+def test_login_too_soon() -> None:
+    s = Pop3Session(Pop3Config(login_delay=60), plaintext_ok=True)
+    s.receive_data(b"USER a\r\nPASS b\r\n")
+    assert isinstance(s.next_event(), Authenticate)
+    s.login_too_soon()
+    assert s.next_event() is NEED_DATA
+    assert s.data_to_send().endswith(b"+OK\r\n-ERR [LOGIN-DELAY] Minimum time between logins has not passed yet\r\n")
+    assert s.state is State.AUTHORIZATION
+
+
 def test_sasl_plain_with_initial_response_and_login_exchange() -> None:
     d = Driver()
     greeting(d)

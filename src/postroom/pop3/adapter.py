@@ -197,6 +197,14 @@ async def _login(
         clog.info("%s: maildrop in use", account.address)
         session.login_in_use()
         return None, 0
+    delay = app.config.pop3.login_delay
+    if delay > 0:
+        if lock.seconds_since_last_login() < delay:  # RFC 2449 §6.8: advertised and enforced
+            lock.release()
+            clog.info("%s: login refused, LOGIN-DELAY %d s not over", account.address, delay)
+            session.login_too_soon()
+            return None, 0
+        lock.mark_login()
     try:
         mailbox = await app.store.get_mailbox(account.id, "INBOX")
         if mailbox is None:

@@ -52,6 +52,7 @@ class State(enum.Enum):
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed\r\n"  # same for unknown user and bad password
 IN_USE = b"-ERR [IN-USE] Unable to lock maildrop: another session is using it\r\n"  # RFC 2449 §8.1.1
+LOGIN_DELAY = b"-ERR [LOGIN-DELAY] Minimum time between logins has not passed yet\r\n"  # RFC 2449 §8.1.2
 PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first\r\n"
 TEMP_FAILURE = b"-ERR [SYS/TEMP] Temporary server failure, try again later\r\n"  # RFC 3206 §4
 NO_SUCH_MESSAGE = b"-ERR No such message\r\n"
@@ -174,6 +175,12 @@ class Pop3Session:
         """Credentials fine but another session holds the maildrop lock (RFC 1939 §4, RFC 2449 [IN-USE])."""
         self._finish(Authenticate)
         self._emit(IN_USE)
+
+    def login_too_soon(self) -> None:
+        """Credentials fine, but the last login was less than LOGIN-DELAY seconds ago (RFC 2449 §6.8, §8.1.2)."""
+        self._finish(Authenticate)
+        self._emit(LOGIN_DELAY)
+        self._error()
 
     def login_unavailable(self) -> None:
         """The store failed while logging in."""

@@ -8,6 +8,8 @@ Invariants:
 - The kernel drops the lock when the descriptor is closed, so also when the process dies; :meth:`release`
   is idempotent and every adapter exit path calls it. Lock files are never unlinked (unlinking a file
   another process is about to lock would give two holders of two different inodes).
+- With ``[pop3] login_delay`` set, the lock file's mtime records the last successful login, so the delay
+  holds across worker processes too (an empty file has never been marked).
 - Several Postroom nodes on one PostgreSQL store do not share this lock; there POP3 relies on per-node
   locking only (documented in docs/pop3.md).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 _made: set[Path] = set()
@@ -49,6 +52,21 @@ class MaildropLock:
             os.close(fd)
             raise
         return cls(path, fd)
+
+    def seconds_since_last_login(self, now: float | None = None) -> float:
+        """Seconds since :meth:`mark_login` last ran for this maildrop (in any process); inf if never.
+
+        An empty lock file was never marked (its mtime is only its creation time)."""
+        st = os.fstat(self._fd)
+        if st.st_size == 0:
+            return float("inf")
+        return (time.time() if now is None else now) - st.st_mtime_ns / 1e9
+
+    def mark_login(self) -> None:
+        """Record a successful login in the lock file's mtime (RFC 2449 §6.8 LOGIN-DELAY bookkeeping)."""
+        if os.fstat(self._fd).st_size == 0:
+            os.write(self._fd, b"\n")
+        os.utime(self._fd)
 
     @property
     def held(self) -> bool:
