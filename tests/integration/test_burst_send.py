@@ -311,3 +311,28 @@ def test_internationalised_address_uses_smtputf8(tmp_path: Path, sink: Sink) -> 
     raw = got["jörg@example.test"][0]
     assert "To: jörg@example.test".encode() in raw  # RFC 6532: the address in UTF-8
     assert pdf_page_titles(raw) == expected_titles(people[0])
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path: Path, sink: Sink) -> None:
+    people = customers(20)
+    pdf = make_report(tmp_path / "r.pdf", people)
+    job = write_job(tmp_path)
+    out = tmp_path / "out"
+    sink.hold_after = 5
+    url = f"smtp://127.0.0.1:{sink.port}?concurrency=1"
+    cmd = [sys.executable, "-m", "postroom.burst", str(pdf), "--config", str(job), "--transport", url,
+           "--out", str(out), "--plain"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: len(sink.messages()) >= 6, proc)
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    sink.gate.set()
+    sink.hold_after = None
+    assert proc.returncode == 130 and b"interrupted: run the same command again" in stdout
+    assert burst(pdf, "--config", job, "--transport", url, "--out", out) == 1  # the 6th is 'unknown'
+    assert_each_got_their_pages(sink, people)

@@ -48,6 +48,7 @@ DAY = 86400.0  # seconds: providers' daily limits are rolling 24 hours
 EXIT_OK = 0
 EXIT_FAILED = 1  # something was not delivered, or the pre-flight found errors
 EXIT_INPUT = 2  # the report, the config or the command line is unusable
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 @dataclass
@@ -151,6 +152,9 @@ def run_job(opts: Options) -> int:
     except (ConfigError, pdfmod.PdfInputError, HandoffError) as exc:
         _say(opts, f"error: {exc}")
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        _say(opts, "interrupted: run the same command again to send the rest (the ledger knows what was sent)")
+        return EXIT_INTERRUPTED
 
 
 def _run(opts: Options) -> int:
