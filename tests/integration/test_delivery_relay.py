@@ -9,6 +9,7 @@ once B is back (``queue_retry`` or the retry schedule); with B answering 550 the
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import email
 import smtplib
@@ -33,6 +34,7 @@ from postroom.config import Config, ListenersConfig
 from postroom.delivery.dkimsign import keygen, zone_line
 from postroom.delivery.limits import DeliveryConfig
 from postroom.delivery.runner import QueueRunner
+from postroom.log import TRACE
 from postroom.net.server import Listener
 from postroom.store.api import QueueEntry
 from postroom.store.sqlite import open_store
@@ -333,8 +335,9 @@ async def _entries_with(a: Instance, pred: Callable[[QueueEntry], bool]) -> list
 
 
 async def test_smarthost_with_implicit_tls_verify_and_auth(
-    instances: Callable[..., Awaitable[tuple[Instance, Instance]]],
+    instances: Callable[..., Awaitable[tuple[Instance, Instance]]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(TRACE, logger="postroom.delivery.client")
     a, b = await instances(smarthost=True)
     # c.test has no DNS at all: with a smarthost nothing is looked up but the smarthost's own name
     await asyncio.to_thread(submit, a, "carol@c.test", "via smarthost")
@@ -346,3 +349,7 @@ async def test_smarthost_with_implicit_tls_verify_and_auth(
     assert b"by mx.b.test" in first_received and b"ESMTPSA" in first_received  # authenticated, TLS
     (entry,) = await wait_for(lambda: _entries_with(a, lambda e: e.status == "delivered"))
     assert entry.last_reply.startswith("250")
+    # the TRACE transcript shows the session but never the password or the message body
+    token = base64.b64encode(b"\0alice@a.test\0relay-pw-456").decode()
+    assert "> AUTH PLAIN ****" in caplog.text and "< 235" in caplog.text
+    assert "relay-pw-456" not in caplog.text and token not in caplog.text and "Hello Bob" not in caplog.text

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from postroom.delivery import wire
 from postroom.delivery.wire import Extensions, Reply
 from postroom.errors import LocalProtocolError, RemoteProtocolError
+from postroom.log import TRACE
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ class SmtpClient:
                     raise p.error
                 reply = p.parser.next_reply()
                 if reply is not None:
+                    if log.isEnabledFor(TRACE):
+                        log.log(TRACE, "%s < %s", self.peer[0], reply)
                     return reply
                 if p.eof:
                     self.broken = True
@@ -189,15 +192,19 @@ class SmtpClient:
                 finally:
                     p.waiter = None
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, shown: str | None = None) -> None:
+        """Send ``data``; the TRACE transcript shows ``shown`` instead when given (secrets, bodies)."""
         t = self._p.transport
         if t is None or t.is_closing() or self._p.eof:
             self.broken = True
             raise ConnectionError("connection closed")
+        if log.isEnabledFor(TRACE):
+            text = shown if shown is not None else data.decode("utf-8", "replace").rstrip("\r\n")
+            log.log(TRACE, "%s > %s", self.peer[0], text.replace("\r\n", " | "))
         t.write(data)
 
-    async def command(self, line: bytes, timeout: float | None = None) -> Reply:
-        self._write(line)
+    async def command(self, line: bytes, timeout: float | None = None, shown: str | None = None) -> Reply:
+        self._write(line, shown)
         return await self.read_reply(timeout)
 
     # -- session set-up -------------------------------------------------------------------------
@@ -259,12 +266,12 @@ class SmtpClient:
         mechs = self.ext.auth_mechanisms
         if "PLAIN" in mechs or not mechs:
             token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-            return await self.command(b"AUTH PLAIN " + token + b"\r\n")
+            return await self.command(b"AUTH PLAIN " + token + b"\r\n", shown="AUTH PLAIN ****")
         reply = await self.command(b"AUTH LOGIN\r\n")
         for secret in (user, password):
             if reply.code != 334:
                 return reply
-            reply = await self.command(base64.b64encode(secret.encode()) + b"\r\n")
+            reply = await self.command(base64.b64encode(secret.encode()) + b"\r\n", shown="****")
         return reply
 
     # -- transactions ---------------------------------------------------------------------------
@@ -316,7 +323,7 @@ class SmtpClient:
             # RFC 2920 §3.1: a 354 although nothing was accepted: send an empty message and drop it.
             await self.command(b".\r\n", DATA_END_TIMEOUT)
             return TransactionResult(mail_reply, rcpt_replies, None)
-        self._write(payload)
+        self._write(payload, shown=f"[message, {len(payload)} octets]")
         await self._p.drain()
         final = await self.read_reply(DATA_END_TIMEOUT)
         return TransactionResult(mail_reply, rcpt_replies, final)
