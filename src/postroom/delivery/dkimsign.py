@@ -18,6 +18,8 @@ import base64
 import email.utils
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RSA_BITS = 2048  # RFC 8301 §3.2: at least 1024, 2048 recommended
 CANONICALIZE = (b"relaxed", b"relaxed")
+KEY_RECHECK = 60.0  # seconds before a domain's key files are read again
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +129,16 @@ def from_domain(message: bytes) -> str:
 class DkimSigner:
     """Signs with the keys under ``data_dir`` of the configured local domains (keys cached after load)."""
 
-    def __init__(self, data_dir: Path, selector: str, domains: tuple[str, ...]) -> None:
+    def __init__(self, data_dir: Path, selector: str, is_local: Callable[[str], bool]) -> None:
+        """``is_local`` is asked at each message, so domains added while running are signed too."""
         self.data_dir = data_dir
         self.selector = selector
-        self.domains = frozenset(d.lower() for d in domains)
-        self._keys: dict[str, list[DkimKey]] = {}
+        self.is_local = is_local
+        self._keys: dict[str, tuple[float, list[DkimKey]]] = {}
 
     def signing_domain(self, message: bytes, sender: str) -> str:
         for candidate in (from_domain(message), sender.rpartition("@")[2].lower()):
-            if candidate and candidate in self.domains:
+            if candidate and self.is_local(candidate):
                 return candidate
         return ""
 
@@ -143,9 +147,11 @@ class DkimSigner:
         domain = self.signing_domain(message, sender)
         if not domain:
             return message
-        keys = self._keys.get(domain)
-        if keys is None:
-            keys = self._keys[domain] = load_keys(self.data_dir, domain, self.selector)
+        now = time.monotonic()
+        cached = self._keys.get(domain)
+        if cached is None or now - cached[0] > KEY_RECHECK:  # `dkim keygen` while serving is seen soon
+            cached = self._keys[domain] = (now, load_keys(self.data_dir, domain, self.selector))
+        keys = cached[1]
         headers = b""
         for key in keys:
             try:

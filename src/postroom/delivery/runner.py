@@ -56,8 +56,8 @@ class QueueRunner:
         self.cfg = app.config.delivery
         self.clock = clock
         signer = None
-        if self.cfg.dkim and app.config.domains:
-            signer = DkimSigner(app.config.data_path, self.cfg.dkim_selector, app.config.domains)
+        if self.cfg.dkim:  # app.config is read at each message: serve refreshes its domains
+            signer = DkimSigner(app.config.data_path, self.cfg.dkim_selector, self._is_local)
         smarthost = parse_smarthost(self.cfg.smarthost, self.cfg.smarthost_password_file)
         self.outbound = Outbound(
             self.cfg,
@@ -74,6 +74,9 @@ class QueueRunner:
         self.delivered = 0  # counters for logs and benchmarks
         self.deferred = 0
         self.failed = 0
+
+    def _is_local(self, domain: str) -> bool:
+        return self.app.config.is_local_domain(domain)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
