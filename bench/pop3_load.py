@@ -524,7 +524,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.users, args.messages, args.duration, args.runs, args.clients = 4, 40, 1.0, 1, [4]
-        args.workers = 1  # one argon2id verification per user to warm up, not one per user and worker
         if args.peer == "all":
             args.peer = "perf"
     OUT.mkdir(parents=True, exist_ok=True)
