@@ -346,18 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=10_000)
     ap.add_argument("--domains", type=int, default=100)
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument(
-        "--with-queue-index",
-        action="store_true",
-        help="diagnostic: add an index on queue(message_id) to the store's schema first (not in the product "
-        "yet; shows what queue_update costs without the full scan it does per delivered entry)",
-    )
     args = ap.parse_args(argv)
-    if args.with_queue_index:
-        from postroom.store import sqlite_db
-
-        sqlite_db.SCHEMA += "\nCREATE INDEX IF NOT EXISTS bench_queue_message ON queue(message_id);\n"
-        print("relay_throughput: DIAGNOSTIC run with an extra index on queue(message_id)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the peers we started
     n = 300 if args.quick else args.messages
     domains = min(args.domains, 10 if args.quick else args.domains)
