@@ -299,3 +299,24 @@ async def test_falls_back_to_the_next_mx_over_ipv6(mx_factory: Callable[..., Any
     await ob.close()
     assert res.status == "delivered" and res.remote == "mx2.b.test"
     assert len(mx.payloads) == 1
+
+
+class AnyDomain(Lookup):
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        return []
+
+    async def addresses(self, host: str) -> list[str]:
+        return ["127.0.0.1"]
+
+
+async def test_idn_domain_goes_as_a_label_without_smtputf8(mx_factory: Callable[..., Any]) -> None:
+    mx, port = await mx_factory(["PIPELINING"])  # no SMTPUTF8
+    ob = Outbound(DeliveryConfig(smtp_port=port, connect_timeout=5, command_timeout=5), "mx.a.test", AnyDomain())
+    msg = b"Subject: idn\r\n\r\nx\r\n"
+    (ok,) = await ob.deliver("bücher.test", "a@a.test", [Rcpt("bob@bücher.test")], msg)
+    (utf8_local,) = await ob.deliver("bücher.test", "a@a.test", [Rcpt("jörg@bücher.test")], msg)
+    await ob.close()
+    assert ok.status == "delivered"
+    assert b"RCPT TO:<bob@xn--bcher-kva.test>\r\n" in mx.lines
+    assert utf8_local.status == "failed" and utf8_local.enhanced == "5.6.7"  # needs SMTPUTF8: bounced
+    assert not any(b"j\xc3\xb6rg" in line for line in mx.lines)

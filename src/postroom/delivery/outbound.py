@@ -25,7 +25,7 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from postroom.delivery import wire
@@ -273,6 +273,8 @@ class Outbound:
     ) -> list[Outcome]:
         """Try to deliver ``message`` to ``rcpts`` (all in ``domain``). One Outcome per recipient, in order."""
         outcomes: list[Outcome | None] = [None] * len(rcpts)
+        sender = wire.ascii_domain(sender)
+        rcpts = [replace(r, address=wire.ascii_domain(r.address)) for r in rcpts]
         smtputf8 = not sender.isascii() or any(not r.address.isascii() for r in rcpts)
         smtputf8 = smtputf8 or wire.headers_eight_bit(message)
         try:

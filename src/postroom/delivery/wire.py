@@ -164,6 +164,18 @@ def check_address(address: str, *, smtputf8: bool) -> bytes:
     return raw
 
 
+def ascii_domain(address: str) -> str:
+    """``local@bücher.example`` → ``local@xn--bcher-kva.example`` when only the domain is non-ASCII, so the
+    address needs no SMTPUTF8 (RFC 6531 §3.2, RFC 5890 A-labels). Anything else is returned unchanged."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii() or not local.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
+
+
 def _check_param(value: str) -> bytes:
     raw = value.encode("ascii", "replace")
     if _CONTROL.search(raw) or b" " in raw or len(raw) > MAX_PARAM:
