@@ -91,7 +91,7 @@ class CommandReader:
         self.read_line_mode = False
         self._buf = bytearray()
         self._parts: list[bytes] = []  # line segments of the command so far
-        self._literals: list[bytes] = []
+        self._literals: list[bytearray] = []  # grown in place: a 64 MB literal must not be copied per chunk
         self._binary: list[bool] = []
         self._line_len = 0
         self._need = 0  # literal octets still expected
@@ -130,10 +130,9 @@ class CommandReader:
                 if not self._buf:
                     return None
                 take = min(self._need, len(self._buf))
-                chunk = bytes(self._buf[:take])
+                self._literals[-1] += self._buf[:take]
                 del self._buf[:take]
                 self._need -= take
-                self._literals[-1] += chunk
                 continue
             nl = self._buf.find(b"\n")
             if nl < 0:
@@ -182,14 +181,14 @@ class CommandReader:
             return LiteralRejected(tag, size, fatal=False)
         index = len(self._literals)
         self._parts.append(head + b"\x00" + str(index).encode() + b"\x00")
-        self._literals.append(b"")
+        self._literals.append(bytearray())
         self._binary.append(binary)
         self._need = size
         return None if nonsync else ContinueLiteral()
 
     def _finish(self) -> Event:
         line = b"".join(self._parts)
-        literals = tuple(self._literals)
+        literals = tuple(bytes(lit) for lit in self._literals)
         binary = tuple(self._binary)
         nul = self._nul
         self._reset()
