@@ -28,6 +28,8 @@ from postroom.imap.view import View
 
 log = logging.getLogger(__name__)
 
+FLUSH_JOIN_MAX = 256 * 1024  # octets of buffered responses joined into one write; larger ones go piecewise
+
 
 class State(enum.Enum):
     NOT_AUTH = "not authenticated"
@@ -154,9 +156,17 @@ class Session:
         self._out.append(f"{tag} {status} {code_part}{text}\r\n".encode())
 
     def flush(self) -> None:
-        if self._out:
-            self.io.write(b"".join(self._out))
-            self._out.clear()
+        out = self._out
+        if not out:
+            return
+        if len(out) == 1:
+            self.io.write(out[0])
+        elif sum(len(x) for x in out) <= FLUSH_JOIN_MAX:
+            self.io.write(b"".join(out))  # one write (one send) for a command's responses
+        else:
+            for piece in out:  # large bodies: no extra copy of the whole response
+                self.io.write(piece)
+        out.clear()
 
     async def flush_drain(self) -> None:
         self.flush()
