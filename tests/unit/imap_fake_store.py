@@ -149,7 +149,10 @@ class FakeStore:
     async def delete_mailbox(self, account_id: int, name: str) -> None:
         if name not in self.boxes:
             raise NotFoundError(name)
-        del self.boxes[name]
+        gone = self.boxes.pop(name)
+        for w in self.watches:
+            if w.mailbox_id == gone.box.id:
+                w.pending = True
 
     async def rename_mailbox(self, account_id: int, old: str, new: str) -> None:
         if old not in self.boxes:
@@ -182,7 +185,10 @@ class FakeStore:
         return [mb.msgs[u] for u in sorted(mb.msgs)]
 
     async def changes_since(self, mailbox_id: int, modseq: int) -> Changes:
-        mb = self._by_id(mailbox_id)
+        try:
+            mb = self._by_id(mailbox_id)
+        except NotFoundError:
+            return Changes([], [], modseq, 0, exists=False)
         changed = [mb.msgs[u] for u in sorted(mb.msgs) if mb.msgs[u].modseq > modseq]
         gone = sorted(u for u, ms in mb.tombstones.items() if ms > modseq)
         return Changes(changed, gone, mb.box.highestmodseq, mb.box.uidnext)

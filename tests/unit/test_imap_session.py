@@ -323,3 +323,13 @@ def test_header_fields_of_many_messages_come_from_the_structures() -> None:
     assert out[1:3] == ["Subject: first", "Date: Mon, 7 Feb 1994 21:52:25 -0800"]
     assert out[-1] == "f OK UID FETCH completed"
     assert Counting.reads == 0  # the first sync of a mail client costs no per-message read
+
+
+def test_selected_mailbox_deleted_elsewhere_ends_the_session() -> None:
+    store = FakeStore()
+    a, b = Client(store), Client(store)
+    a.cmd("c CREATE Old")
+    a.cmd("s SELECT Old")
+    assert b.cmd("d DELETE Old") == ["d OK DELETE completed"]
+    a.cmd("n NOOP")
+    assert a.session.bye == "selected mailbox was deleted or renamed"  # the adapter sends BYE and closes
