@@ -282,6 +282,8 @@ async def list_(s: Session, tag: str, args: list[Token], uid: bool, lsub: bool =
                 wanted = opts[i + 1]
                 assert isinstance(wanted, list)
                 status_items = [atom(x).upper() for x in wanted]
+                if not status_items or any(x not in STATUS_ITEMS for x in status_items):
+                    raise BadArgs("bad LIST RETURN STATUS items")
                 i += 2
                 continue
             return_opts.add(o)
