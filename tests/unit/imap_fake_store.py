@@ -164,6 +164,8 @@ class FakeStore:
         self.boxes[new] = mb
 
     async def set_subscribed(self, account_id: int, name: str, subscribed: bool) -> None:
+        if name not in self.boxes:
+            raise NotFoundError(name)
         mb = self.boxes[name]
         mb.box = dataclasses.replace(mb.box, subscribed=subscribed)
 
