@@ -70,6 +70,9 @@ def test_login_select_fetch_store_search(srv: RunningServer, imap: imaplib.IMAP4
     assert typ == "OK" and b"\\Seen" in data[0]
     assert imap.search(None, "UNSEEN")[1] == [b"1 3"]
     assert imap.search(None, "SUBJECT", '"hello 3"')[1] == [b"3"]
+    assert imap.search(None, "BODY", "message")[1] == [b"1 2 3"]  # the store's full-text index
+    assert imap.search(None, "TEXT", '"bob@example.test"')[1] == [b"1 2 3"]
+    assert imap.search(None, "BODY", "nowhere")[1] == [b""]
     typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
     assert isinstance(data[0], tuple) and data[0][1] == b"Subject: hello 1\r\n\r\n"
     # BODY[] (not PEEK) sets \Seen

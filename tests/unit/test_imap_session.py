@@ -245,6 +245,7 @@ def test_mailbox_management_and_list() -> None:
         "c OK LIST completed",
     ]
     assert c.cmd('d LIST "" ""') == ['* LIST (\\Noselect) "/" ""', "d OK LIST completed"]
+    assert c.cmd("e0 RENAME Projects Projects/old") == ["e0 NO [CANNOT] Cannot rename to that name"]
     assert c.cmd("e RENAME Projects/2026 Done") == ["e OK RENAME completed"]
     assert c.cmd('f LIST (SPECIAL-USE) "" "*" RETURN (STATUS (MESSAGES))') == [
         '* LIST (\\HasNoChildren \\Sent) "/" Sent',

@@ -207,7 +207,7 @@ async def rename(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome 
     arity(args, 2)
     assert s.account is not None
     old, new = mailbox(args[0]), mailbox(args[1]).rstrip("/")
-    if not new or new == "INBOX":
+    if not new or new == "INBOX" or new.startswith(old + "/"):  # not into its own inferior
         raise No("Cannot rename to that name", "CANNOT")
     try:
         await s.store.rename_mailbox(s.account.id, old, new)
