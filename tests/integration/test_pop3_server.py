@@ -121,11 +121,11 @@ def test_dele_quit_removes_and_other_sessions_see_expunge(pop: RunningServer) ->
         watch = pop.store.watch(mailbox_id)
         try:
             while True:
-                await asyncio.wait_for(watch.wait(), 20)
                 watch.clear()
                 changes = await pop.store.changes_since(mailbox_id, before)
                 if changes.expunged:
                     return changes
+                await asyncio.wait_for(watch.wait(), 20)  # woken by the commit of the POP3 QUIT
         finally:
             watch.close()
 
