@@ -104,3 +104,14 @@ def test_smarthost_rate_limit_token_bucket() -> None:
     assert rl.reserve(1060.0) == 0.0
     later = [rl.reserve(1060.0) for _ in range(30)]
     assert sum(1 for w in later if w == 0.0) == 27 and max(later) > 0
+
+
+def test_return_path_is_not_relayed() -> None:
+    """RFC 5321 §4.4: the stored copy's Return-Path (also folded) never leaves with the relayed message."""
+    from postroom.delivery.runner import strip_return_path
+
+    body = b"From: a@example.test\r\nSubject: x\r\n\r\nReturn-Path: <in body>\r\n"
+    assert strip_return_path(b"Return-Path: <a@example.test>\r\n" + body) == body
+    assert strip_return_path(b"return-path:\r\n <a@example.test>\r\n\t(folded)\r\n" + body) == body
+    assert strip_return_path(body) == body
+    assert strip_return_path(b"Return-Path: <a@x>") == b"Return-Path: <a@x>"  # no header end: untouched

@@ -40,6 +40,23 @@ log = logging.getLogger(__name__)
 EXPIRED = "4.4.7"  # RFC 3463: delivery time expired
 
 
+def strip_return_path(raw: bytes) -> bytes:
+    """Drop leading ``Return-Path:`` fields (with their folded lines) before relaying.
+
+    RFC 5321 §4.4: the final delivery MTA adds Return-Path; a relay must not pass one on. The SMTP server
+    adds it to the stored copy when a transaction has local recipients, and the queued copy shares those
+    bytes.
+    """
+    while raw[:12].lower() == b"return-path:":
+        end = raw.find(b"\r\n")
+        while end >= 0 and raw[end + 2 : end + 3] in (b" ", b"\t"):
+            end = raw.find(b"\r\n", end + 2)
+        if end < 0:
+            return raw
+        raw = raw[end + 2 :]
+    return raw
+
+
 def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt (1-based); the last value repeats."""
     if not schedule:
@@ -169,7 +186,7 @@ class QueueRunner:
         try:
             first = entries[0]
             try:
-                raw = await self.store.read_queued(first.message_id)
+                raw = strip_return_path(await self.store.read_queued(first.message_id))
             except StoreError as exc:
                 log.error("queued message %d unreadable: %s", first.message_id, exc)
                 bad = Outcome("deferred", f"451 4.3.0 queued message unreadable: {exc}", "4.3.0")
