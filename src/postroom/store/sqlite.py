@@ -212,6 +212,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         for blob_id in set(blob_ids):
             row = c.execute("SELECT refs, path FROM blobs WHERE id=?", (blob_id,)).fetchone()
             if row is not None and row[0] <= 0:
+                self._unindex(c, blob_id)
                 c.execute("DELETE FROM blobs WHERE id=?", (blob_id,))
                 if row[1]:
                     t.unlink.append(str(self.blob_dir / row[1]))
@@ -314,13 +315,19 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         holder: dict[str, str] = {}
 
         def prepare() -> None:
-            holder["structure"] = json.dumps(analyze(raw), separators=(",", ":"))
+            # The searchable text goes to its own columns (the full-text index's content), not into the
+            # structure's JSON: escaping ~5 KB of text into JSON cost as much as the SQL of the append.
+            st = analyze(raw)
+            holder["headers"] = st.pop("search_headers", "")
+            holder["body"] = st.pop("search_body", "")
+            holder["structure"] = json.dumps(st, separators=(",", ":"))
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> list[tuple[int, int]]:
             refs = len(targets) + (1 if outbound is not None and outbound.recipients else 0)
             cur = c.execute(
-                "INSERT INTO blobs(size, data, path, structure, refs) VALUES(?,?,?,?,?)",
-                (len(raw), None if path else raw, path, holder["structure"], refs),
+                "INSERT INTO blobs(size, data, path, structure, refs, search_headers, search_body)"
+                " VALUES(?,?,?,?,?,?,?)",
+                (len(raw), None if path else raw, path, holder["structure"], refs, holder["headers"], holder["body"]),
             )
             blob_id = cur.lastrowid
             assert blob_id is not None

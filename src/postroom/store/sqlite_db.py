@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS blobs(
     data BLOB,
     path TEXT,
     structure TEXT NOT NULL,
-    refs INTEGER NOT NULL);
+    refs INTEGER NOT NULL,
+    search_headers TEXT NOT NULL DEFAULT '',
+    search_body TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS messages(
     mailbox_id INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -78,7 +80,8 @@ CREATE TABLE IF NOT EXISTS expunged(
     uid INTEGER NOT NULL,
     modseq INTEGER NOT NULL,
     PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(headers, body, content='', tokenize='trigram');
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    search_headers, search_body, content='blobs', content_rowid='id', tokenize='trigram');
 CREATE TABLE IF NOT EXISTS queue_messages(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     blob_id INTEGER NOT NULL,

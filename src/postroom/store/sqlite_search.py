@@ -1,14 +1,15 @@
 """Full-text search of the embedded store (mixed into :class:`~postroom.store.sqlite.SqliteStore`).
 
-Invariants: the FTS5 index uses the trigram tokenizer, so a term matches as a substring, as IMAP SEARCH
-requires (RFC 9051 §6.4.4); it is filled behind delivery up to the ``fts_indexed`` watermark and caught up
-before every search, so a search never misses a delivered message. Terms shorter than three characters
-cannot use trigrams and are matched against the stored text directly.
+Invariants: the FTS5 index is an external-content index over ``blobs.search_headers`` / ``search_body``
+(the decoded text ``mime.analyze`` produced at append, kept beside the bytes). It uses the trigram
+tokenizer, so a term matches as a substring, as IMAP SEARCH requires (RFC 9051 §6.4.4). It is filled behind
+delivery up to the ``fts_indexed`` watermark and caught up before every search, so a search never misses a
+delivered message; a blob leaves the index in the transaction that deletes it. Terms shorter than three
+characters cannot use trigrams and are matched against the stored text directly.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,18 +27,29 @@ class SearchMixin:
         async def _write(self, fn: db.WriteFn, prepare: Any = None) -> Any: ...
 
     def _index_pending(self, c: sqlite3.Connection, t: db.Touched) -> int:
-        """Index up to 2,000 blobs newer than the ``fts_indexed`` watermark; returns how many."""
+        """Index up to 2,000 blobs above the ``fts_indexed`` watermark; returns how many."""
         mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
-        rows = c.execute("SELECT id, structure FROM blobs WHERE id > ? ORDER BY id LIMIT 2000", (mark,)).fetchall()
-        for blob_id, text in rows:
-            st = json.loads(text)
+        top = c.execute("SELECT MAX(id) FROM (SELECT id FROM blobs WHERE id > ? ORDER BY id LIMIT 2000)", (mark,))
+        upto = top.fetchone()[0]
+        if upto is None:
+            return 0
+        cur = c.execute(
+            "INSERT INTO fts(rowid, search_headers, search_body)"
+            " SELECT id, search_headers, search_body FROM blobs WHERE id > ? AND id <= ?",
+            (mark, upto),
+        )
+        c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (upto,))
+        return max(cur.rowcount, 1)
+
+    def _unindex(self, c: sqlite3.Connection, blob_id: int) -> None:
+        """Take a blob out of the index before its row goes (external-content FTS needs the old text)."""
+        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
+        if blob_id <= mark:
             c.execute(
-                "INSERT INTO fts(rowid, headers, body) VALUES(?,?,?)",
-                (blob_id, st.get("search_headers", ""), st.get("search_body", st.get("text", ""))),
+                "INSERT INTO fts(fts, rowid, search_headers, search_body)"
+                " SELECT 'delete', id, search_headers, search_body FROM blobs WHERE id=?",
+                (blob_id,),
             )
-        if rows:
-            c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (rows[-1][0],))
-        return len(rows)
 
     def _index_behind(self, c: sqlite3.Connection) -> bool:
         mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
@@ -51,7 +63,7 @@ class SearchMixin:
 
         def q(c: sqlite3.Connection) -> set[int]:
             if long_terms:
-                cols = "body" if body_only else "{headers body}"
+                cols = "search_body" if body_only else "{search_headers search_body}"
                 match = " AND ".join(f'{cols}:"{t.replace(chr(34), chr(34) * 2)}"' for t in long_terms)
                 rows = c.execute(
                     "SELECT m.uid, m.blob_id FROM messages m WHERE m.mailbox_id=?"
@@ -64,12 +76,10 @@ class SearchMixin:
                 return {r[0] for r in rows}
             out: set[int] = set()
             for uid, blob_id in rows:  # terms under 3 characters: the trigram index cannot help
-                st = json.loads(c.execute("SELECT structure FROM blobs WHERE id=?", (blob_id,)).fetchone()[0])
-                text = (
-                    st.get("search_body", st.get("text", ""))
-                    if body_only
-                    else st.get("search_headers", "") + "\n" + st.get("search_body", st.get("text", ""))
-                ).lower()
+                heads, body = c.execute(
+                    "SELECT search_headers, search_body FROM blobs WHERE id=?", (blob_id,)
+                ).fetchone()
+                text = (body if body_only else heads + "\n" + body).lower()
                 if all(s in text for s in short_terms):
                     out.add(uid)
             return out
