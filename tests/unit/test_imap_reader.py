@@ -117,3 +117,12 @@ def test_encoded_strings_round_trip_through_reader_and_tokenizer(value: bytes) -
     cmds = [e for e in events([b"t X " + wire + b"\r\n"]) if isinstance(e, Command)]
     assert len(cmds) == 1
     assert tokenize(cmds[0])[2] == [value]
+
+
+def test_debug_transcript_hides_credentials_and_literals() -> None:
+    from postroom.imap.adapter import redact
+
+    assert redact(b"a LOGIN bob s3cret") == "a LOGIN <redacted>"
+    assert redact(b"a authenticate PLAIN AGJvYgBzM2NyZXQ=") == "a authenticate <redacted>"
+    assert redact(b"a APPEND INBOX \x000\x00") == "a APPEND INBOX <literal>"
+    assert redact(b"b UID FETCH 1 BODY[]") == "b UID FETCH 1 BODY[]"

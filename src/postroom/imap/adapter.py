@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections import OrderedDict
 from typing import cast
 
@@ -40,6 +41,17 @@ from postroom.store.api import AppendTarget, Changes, Store, Watch
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+
+
+_SECRET_VERBS = (b"LOGIN", b"AUTHENTICATE")
+
+
+def redact(line: bytes) -> str:
+    """A command line for the debug transcript: credentials and literal contents never appear."""
+    parts = line.split(b" ", 2)
+    if len(parts) == 3 and parts[1].upper() in _SECRET_VERBS:
+        line = parts[0] + b" " + parts[1] + b" <redacted>"
+    return re.sub(rb"\x00\d+\x00", b"<literal>", line).decode("utf-8", "replace")[:200]
 
 
 class _UserIpLimiter:
@@ -208,6 +220,8 @@ async def _serve(conn: Connection, app: App, session: Session, reader: CommandRe
             reader.receive_data(data)
             continue
         if isinstance(ev, Command):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("imap %s:%d C: %s", conn.peer[0], conn.peer[1], redact(ev.line))
             outcome = await execute(session, ev)
             session.flush()
             if session.bye:
