@@ -93,6 +93,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         self._local = threading.local()
         self._readers: ThreadPoolExecutor | None = None
         self._writer: db.GroupCommitWriter | None = None
+        self._checkpointer: db.Checkpointer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._uidvalidity_lock = threading.Lock()
 
@@ -103,6 +104,8 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="postroom-store-read")
         self._writer = db.GroupCommitWriter(self.db_path, self._announce)
         self._writer.start()
+        self._checkpointer = db.Checkpointer(self.db_path)
+        self._checkpointer.start()
         self.hub.start(self._loop)
 
     def _open_sync(self) -> None:
@@ -119,6 +122,9 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
             self._writer = None
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
         if self._readers is not None:
             self._readers.shutdown(wait=True)
             self._readers = None
