@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import ctypes
 import io
 import multiprocessing
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import pikepdf
 import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
 
 from postroom.burst.plan import PageScan
 from postroom.burst.tags import TagError, find_tags, has_tag_marker
@@ -78,6 +80,32 @@ def check_pdf(path: str | Path, password: str | None = None) -> int:
     return count
 
 
+def page_text(doc: pdfium.PdfDocument, index: int) -> str:
+    """All text of page ``index`` (0-based), extracted once, through pdfium's C API directly.
+
+    The helper objects of pypdfium2 cost about an eighth of the time per page; this is the same
+    FPDF_LoadPage / FPDFText_LoadPage / FPDFText_GetText sequence they run. Raises PdfiumError.
+    """
+    page = pdfium_c.FPDF_LoadPage(doc.raw, index)
+    if not page:
+        raise pdfium.PdfiumError(f"page {index + 1} cannot be loaded")
+    try:
+        textpage = pdfium_c.FPDFText_LoadPage(page)
+        if not textpage:
+            raise pdfium.PdfiumError(f"the text of page {index + 1} cannot be loaded")
+        try:
+            count = pdfium_c.FPDFText_CountChars(textpage)
+            if count <= 0:
+                return ""
+            buf = ctypes.create_string_buffer((count + 1) * 2)
+            got = pdfium_c.FPDFText_GetText(textpage, 0, count, ctypes.cast(buf, ctypes.POINTER(ctypes.c_ushort)))
+            return buf.raw[: max(0, got - 1) * 2].decode("utf-16-le", errors="replace")
+        finally:
+            pdfium_c.FPDFText_ClosePage(textpage)
+    finally:
+        pdfium_c.FPDF_ClosePage(page)
+
+
 def scan_range(path: str, password: str | None, start: int, stop: int) -> list[PageScan]:
     """Scan pages ``start`` … ``stop - 1`` (0-based) of the report; one :class:`PageScan` each."""
     out: list[PageScan] = []
@@ -86,15 +114,7 @@ def scan_range(path: str, password: str | None, start: int, stop: int) -> list[P
         for index in range(start, stop):
             page_no = index + 1
             try:
-                page = doc[index]
-                try:
-                    textpage = page.get_textpage()
-                    try:
-                        text = textpage.get_text_range()
-                    finally:
-                        textpage.close()
-                finally:
-                    page.close()
+                text = page_text(doc, index)
             except pdfium.PdfiumError as exc:
                 out.append(PageScan(page_no, error=f"the page's text cannot be read ({exc})"))
                 continue

@@ -115,6 +115,8 @@ def normalise(text: str) -> str:
 
 def has_tag_marker(text: str) -> bool:
     """Cheap pre-check: could this page hold a tag at all? (False means it certainly does not.)"""
+    if "<" not in text and "[" not in text:  # every tag opens with one of them
+        return False
     return _OPENERS.search(normalise(text)) is not None
 
 
