@@ -23,7 +23,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,8 +89,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         self.db_path = directory / "meta.db"
         self.blob_dir = directory / "blobs"
         self.hub = ChangeHub(directory / "run")
-        self._local = threading.local()
-        self._readers: ThreadPoolExecutor | None = None
+        self._readers: db.ReaderPool | None = None
         self._writer: db.GroupCommitWriter | None = None
         self._checkpointer: db.Checkpointer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,7 +99,8 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open_sync)
-        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="postroom-store-read")
+        self._readers = db.ReaderPool(self.db_path, READER_THREADS)
+        self._readers.start()
         self._writer = db.GroupCommitWriter(self.db_path, self._announce)
         self._writer.start()
         self._checkpointer = db.Checkpointer(self.db_path)
@@ -126,7 +125,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
             await asyncio.to_thread(self._checkpointer.stop)
             self._checkpointer = None
         if self._readers is not None:
-            self._readers.shutdown(wait=True)
+            await asyncio.to_thread(self._readers.stop)
             self._readers = None
 
     def _announce(self, touched: db.Touched) -> None:
@@ -138,18 +137,10 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
             self._loop.call_soon_threadsafe(self.hub.notify, set(touched.mailboxes), set(touched.accounts))
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = db.connect(self.db_path)
-            conn.execute("PRAGMA query_only=1")
-            self._local.conn = conn
-        return conn
-
     async def _read(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(connection, *args)`` on a reader thread (never on the event loop)."""
         assert self._readers is not None, "store is not open"
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, lambda: fn(self._reader(), *args))
+        return await self._readers.run(lambda conn: fn(conn, *args))
 
     async def _write(self, fn: db.WriteFn, prepare: Any = None) -> Any:
         assert self._writer is not None, "store is not open"
