@@ -334,3 +334,33 @@ def test_selected_mailbox_deleted_elsewhere_ends_the_session() -> None:
     assert b.cmd("d DELETE Old") == ["d OK DELETE completed"]
     a.cmd("n NOOP")
     assert a.session.bye == "selected mailbox was deleted or renamed"  # the adapter sends BYE and closes
+
+
+def test_blob_cache_serves_repeated_fetches_without_the_store() -> None:
+    from postroom.imap.blobcache import BlobCache
+
+    class Counting(FakeStore):
+        calls = 0
+
+        async def read(self, blob_id: int) -> bytes:
+            Counting.calls += 1
+            return await super().read(blob_id)
+
+        async def read_range(self, blob_id: int, offset: int, length: int) -> bytes:
+            Counting.calls += 1
+            return await super().read_range(blob_id, offset, length)
+
+    store = Counting()
+    store.deliver("INBOX", MULTI)
+    c = Client(store)
+    c.session.blob_cache = BlobCache(max_bytes=10_000)
+    c.cmd("s EXAMINE INBOX")
+    first = c.cmd("a FETCH 1 BODY.PEEK[]")
+    assert Counting.calls == 1
+    assert c.cmd("b FETCH 1 BODY.PEEK[]")[:-1] == first[:-1]
+    assert c.cmd("c FETCH 1 (BODY.PEEK[1] BINARY.PEEK[2])")[:2] == ["* 1 FETCH (BODY[1] {8}", "part one BINARY[2] ~{2}"]
+    assert Counting.calls == 1  # served from the cached bytes
+    small = BlobCache(max_bytes=100)
+    small.put(1, b"x" * 60)
+    small.put(2, b"y" * 60)  # evicts 1
+    assert small.get(1) is None and small.get(2) == b"y" * 60 and small.size == 60

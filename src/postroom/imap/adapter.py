@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import cast
 
 from postroom.app import App, ListenerSpec
+from postroom.imap.blobcache import BlobCache
 from postroom.imap.core import Outcome, Session, State
 from postroom.imap.dispatch import execute, idle_done
 from postroom.imap.reader import (
@@ -168,6 +169,10 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
     if not isinstance(shared, _SharedChanges):
         shared = _SharedChanges(store)
         app.extras["imap.changes"] = shared
+    blobs = app.extras.get("imap.blobs")
+    if not isinstance(blobs, BlobCache):
+        blobs = BlobCache(cfg.body_cache_bytes)
+        app.extras["imap.blobs"] = blobs
     session = Session(
         store=store,  # Store satisfies MailPort structurally
         append=append,
@@ -181,6 +186,7 @@ async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
         hostname=app.hostname,
         snapshots=snapshots,
         changes_source=shared,
+        blob_cache=blobs,
     )
     limiter = app.extras.get("imap.userip")
     if not isinstance(limiter, _UserIpLimiter):

@@ -83,6 +83,28 @@ def _top_header(struct: dict[str, Any]) -> bytes | None:
     return text.encode("latin-1") if isinstance(text, str) else None
 
 
+async def read_message(s: Session, meta: MetaLike) -> bytes:
+    """The whole stored message, from the per-process cache when it is there."""
+    cache = s.blob_cache
+    if cache is not None:
+        data = cache.get(meta.blob_id)
+        if data is not None:
+            return data
+    data = await s.store.read(meta.blob_id)
+    if cache is not None:
+        cache.put(meta.blob_id, data)
+    return data
+
+
+async def read_part(s: Session, meta: MetaLike, offset: int, length: int) -> bytes:
+    """``length`` octets at ``offset``: a slice of the cached message, else one ``read_range``."""
+    cache = s.blob_cache
+    data = cache.get(meta.blob_id) if cache is not None else None
+    if data is not None:
+        return data[offset : offset + length]
+    return await s.store.read_range(meta.blob_id, offset, length)
+
+
 def filter_headers(block: bytes, fields: tuple[str, ...], keep: bool) -> bytes:
     """The header lines whose names are (``keep``) or are not in ``fields``, then the blank line."""
     wanted = {f.lower().encode() for f in fields}
@@ -123,18 +145,17 @@ async def _section_bytes(s: Session, meta: MetaLike, att: FetchAtt, struct: dict
         node = _part_node(struct, sec.path) if sec.path else struct["body"]
         if node is None:
             return None
+        raw = await read_part(s, meta, node["o"] + node["h"], node["b"])
         if node["t"] == "multipart" or "m" in node:
-            raw = await s.store.read_range(meta.blob_id, node["o"] + node["h"], node["b"])
             return raw
-        raw = await s.store.read_range(meta.blob_id, node["o"] + node["h"], node["b"])
         return decode_cte(raw, node["e"])
     if not sec.path and not sec.text:
         if att.partial is not None:
             origin, count = att.partial
             if origin >= meta.size:
                 return b""
-            return await s.store.read_range(meta.blob_id, origin, min(count, meta.size - origin))
-        return await s.store.read(meta.blob_id)
+            return await read_part(s, meta, origin, min(count, meta.size - origin))
+        return await read_message(s, meta)
     assert struct is not None
     where = locate(struct, sec)
     if where is None:
@@ -142,7 +163,7 @@ async def _section_bytes(s: Session, meta: MetaLike, att: FetchAtt, struct: dict
     offset, length = where
     top_header = _top_header(struct) if not sec.path and sec.text.startswith("HEADER") else None
     if sec.text.startswith("HEADER.FIELDS"):
-        block = top_header if top_header is not None else await s.store.read_range(meta.blob_id, offset, length)
+        block = top_header if top_header is not None else await read_part(s, meta, offset, length)
         return filter_headers(block, sec.fields, keep=sec.text == "HEADER.FIELDS")
     if top_header is not None and att.partial is None:
         return top_header
@@ -150,8 +171,8 @@ async def _section_bytes(s: Session, meta: MetaLike, att: FetchAtt, struct: dict
         origin, count = att.partial
         if origin >= length:
             return b""
-        return await s.store.read_range(meta.blob_id, offset + origin, min(count, length - origin))
-    return await s.store.read_range(meta.blob_id, offset, length)
+        return await read_part(s, meta, offset + origin, min(count, length - origin))
+    return await read_part(s, meta, offset, length)
 
 
 async def _render(
@@ -193,15 +214,15 @@ async def _render(
             assert struct is not None
             items.append(name.encode() + b" " + encode.bodystructure(struct["body"], name == "BODYSTRUCTURE"))
         elif name == "RFC822":
-            data = await s.store.read(meta.blob_id)
+            data = await read_message(s, meta)
             items.append(b"RFC822 {%d}\r\n" % len(data) + data)
         elif name in ("RFC822.HEADER", "RFC822.TEXT"):
             hs = int(struct["header_size"]) if struct is not None else 0
             if name == "RFC822.HEADER":
                 cached = _top_header(struct) if struct is not None else None
-                data = cached if cached is not None else await s.store.read_range(meta.blob_id, 0, hs)
+                data = cached if cached is not None else await read_part(s, meta, 0, hs)
             else:
-                data = await s.store.read_range(meta.blob_id, hs, meta.size - hs)
+                data = await read_part(s, meta, hs, meta.size - hs)
             items.append(name.encode() + b" {%d}\r\n" % len(data) + data)
         elif name in ("SAVEDATE", "EMAILID", "THREADID"):
             items.append(name.encode() + b" NIL")

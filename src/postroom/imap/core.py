@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 
 from postroom.imap import encode
+from postroom.imap.blobcache import BlobCache
 from postroom.imap.limits import ImapConfig
 from postroom.imap.ports import AccountLike, AppendFn, AuthFn, ChangesSource, Io, MailPort, WatchLike
 from postroom.imap.snapshots import Snapshots
@@ -74,6 +75,7 @@ class Session:
         hostname: str = "postroom",
         snapshots: Snapshots | None = None,
         changes_source: ChangesSource | None = None,
+        blob_cache: BlobCache | None = None,
     ) -> None:
         self.store = store
         self.append_fn = append
@@ -87,6 +89,7 @@ class Session:
         self.hostname = hostname
         self.snapshots = snapshots
         self.changes_source = changes_source
+        self.blob_cache = blob_cache
         self.state = State.NOT_AUTH
         self.account: AccountLike | None = None
         self.view: View | None = None

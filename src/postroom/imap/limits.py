@@ -11,6 +11,7 @@ MAX_CONNECTIONS_PER_USER_IP = 20  # like Dovecot's mail_max_userip_connections (
 IDLE_TIMEOUT = 30 * 60.0  # seconds; RFC 9051 §5.4 autologout timer is at least 30 minutes
 PRE_AUTH_TIMEOUT = 60.0  # seconds before LOGIN/AUTHENTICATE, as Dovecot's login processes do
 APPEND_LIMIT = MAX_LITERAL  # octets per APPENDed message, advertised as APPENDLIMIT= (RFC 7889)
+BODY_CACHE_BYTES = 32 * 1024 * 1024  # octets of message bytes cached per worker (immutable, so always valid)
 FETCH_BATCH = 200  # messages whose structures one FETCH loads per store call (bounds memory per step)
 
 
@@ -26,3 +27,4 @@ class ImapConfig:
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
     append_limit: int = APPEND_LIMIT
     fetch_batch: int = FETCH_BATCH
+    body_cache_bytes: int = BODY_CACHE_BYTES
