@@ -91,7 +91,6 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         self.hub = ChangeHub(directory / "run")
         self._readers: db.ReaderPool | None = None
         self._writer: db.GroupCommitWriter | None = None
-        self._checkpointer: db.Checkpointer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._uidvalidity_lock = threading.Lock()
 
@@ -103,8 +102,6 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         self._readers.start()
         self._writer = db.GroupCommitWriter(self.db_path, self._announce)
         self._writer.start()
-        self._checkpointer = db.Checkpointer(self.db_path)
-        self._checkpointer.start()
         self.hub.start(self._loop)
 
     def _open_sync(self) -> None:
@@ -121,9 +118,6 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
             self._writer = None
-        if self._checkpointer is not None:
-            await asyncio.to_thread(self._checkpointer.stop)
-            self._checkpointer = None
         if self._readers is not None:
             await asyncio.to_thread(self._readers.stop)
             self._readers = None

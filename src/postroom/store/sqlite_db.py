@@ -8,9 +8,8 @@ Invariants:
   only its savepoint and fails only its own caller.
 - A job's future is resolved only after COMMIT returned, so "returned" means "durable".
 - Readers use their own connections (one per reader thread); WAL lets them run beside the writer.
-- The writer never checkpoints (``wal_autocheckpoint=0``): a :class:`Checkpointer` thread copies the WAL
-  back into the database with PASSIVE checkpoints, which never block the writer, so a commit's latency is
-  its own WAL append and fsync, not an occasional 4 MB checkpoint.
+- WAL checkpoints run on the writer's commits (SQLite's default, every 1,000 pages). A separate passive
+  checkpointer thread was measured (bench/store_append.py, A/B in one session) and gave no gain, so it went.
 - Between processes, writers take an exclusive ``flock`` on ``meta.db.writer-lock`` around each
   transaction: the kernel wakes the next writer the moment the lock is released, where SQLite's own busy
   handler would sleep and poll (``busy_timeout`` stays as the fallback).
@@ -37,7 +36,6 @@ from postroom.errors import StoreError, StoreFullError
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
-CHECKPOINT_INTERVAL = 0.5  # seconds between the checkpointer's passive WAL checkpoints
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # octets the WAL file is truncated to after it is reset
 MAX_BATCH = 256  # jobs per group commit; bounds one transaction's duration
 SCHEMA_VERSION = 1
@@ -126,39 +124,6 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class Checkpointer:
-    """A thread that runs ``PRAGMA wal_checkpoint(PASSIVE)`` every CHECKPOINT_INTERVAL seconds."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="postroom-store-checkpoint", daemon=True)
-        self.checkpoints = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        conn = connect(self._path)
-        try:
-            while not self._stop.wait(CHECKPOINT_INTERVAL):
-                self._checkpoint(conn)
-            self._checkpoint(conn)
-        finally:
-            conn.close()
-
-    def _checkpoint(self, conn: sqlite3.Connection) -> None:
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.checkpoints += 1
-        except sqlite3.Error as exc:  # e.g. another process checkpoints right now: next round
-            log.debug("checkpoint skipped: %s", exc)
-
-
 def init_schema(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     for stmt in SCHEMA.split(";"):
@@ -211,7 +176,6 @@ class GroupCommitWriter:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._conn = connect(self._path)
-        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer does it, off the commit path
         self._lock_fd = os.open(str(self._path) + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._thread.start()
 
