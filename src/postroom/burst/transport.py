@@ -124,7 +124,8 @@ PRESETS: dict[str, Transport] = {
         "smtp-mail.outlook.com",
         587,
         preset="outlook",
-        limits=Limits(messages_per_minute=30, recipients_per_message=100, messages_per_day=300, concurrency=1),
+        # Outlook.com is served by the same Exchange Online front end: its published limits apply.
+        limits=Limits(messages_per_minute=30, recipients_per_day=10000, concurrency=1),
     ),
     "postroom": Transport("starttls", "localhost", 587, preset="postroom", limits=Limits(concurrency=8)),
 }
