@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from postroom.errors import AlreadyExistsError, NotFoundError
+from postroom.errors import AlreadyExistsError, NotFoundError, StoreError
 from postroom.store.api import AppendTarget, OutboundEnvelope, OutboundRecipient, Store
 from postroom.store.sqlite import INLINE_MAX, open_store
 
@@ -322,3 +322,44 @@ async def test_sqlite_fulltext_index_stays_consistent(store: Store, store_url: s
         conn.execute("INSERT INTO fts(fts) VALUES('integrity-check')")  # raises when inconsistent
     finally:
         conn.close()
+
+
+async def test_rename_inbox_moves_messages_and_leaves_tombstones(store: Store) -> None:
+    mb = await _inbox(store)
+    acct = await store.get_account("alice@example.test")
+    assert acct is not None
+    for _ in range(3):
+        await store.append(MSG, [AppendTarget(mb)])
+    before = await store.status(mb)
+    await store.rename_mailbox(acct.id, "INBOX", "Old")
+    after = await store.status(mb)
+    assert after.messages == 0
+    assert after.uidvalidity == before.uidvalidity and after.uidnext == before.uidnext  # UIDs never reused
+    changes = await store.changes_since(mb, before.highestmodseq)
+    assert changes.expunged == [1, 2, 3]  # a session with INBOX selected sees them go
+    old = await store.get_mailbox(acct.id, "Old")
+    assert old is not None and [m.uid for m in await store.messages(old.id)] == [1, 2, 3]
+    ((_, uid),) = await store.append(MSG, [AppendTarget(mb)])
+    assert uid == 4
+    with pytest.raises(StoreError):
+        await store.rename_mailbox(acct.id, "Old", "Old/Child")
+
+
+async def test_structure_of_an_older_version_is_analysed_again(store: Store, store_url: str) -> None:
+    """Rows written by an older Postroom (lower structure version) are re-analysed once, on first read."""
+    import sqlite3
+
+    from postroom.mime import STRUCTURE_VERSION
+
+    mb = await _inbox(store)
+    await store.append(MSG, [AppendTarget(mb)])
+    blob = (await store.messages(mb))[0].blob_id
+    assert await store.search_text(mb, ["contract"]) == {1}  # indexed with the current text
+    conn = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")) / "meta.db")
+    with conn:
+        conn.execute("UPDATE blobs SET structure='{\"v\": 1}' WHERE id=?", (blob,))
+    conn.close()
+    st = (await store.structures([blob]))[blob]
+    assert st["v"] == STRUCTURE_VERSION and "body" in st
+    assert (await store.structures([blob]))[blob] == st  # stored: the next read needs no analysis
+    assert await store.search_text(mb, ["contract"]) == {1}

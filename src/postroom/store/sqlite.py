@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreError, StoreFullError
-from postroom.mime import analyze
+from postroom.mime import STRUCTURE_VERSION, analyze
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
     AppendTarget,
@@ -229,20 +229,27 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 raise NotFoundError(f"no mailbox {old}")
             if c.execute("SELECT 1 FROM mailboxes WHERE account_id=? AND name=?", (account_id, new)).fetchone():
                 raise AlreadyExistsError(f"mailbox {new} exists")
+            if new.startswith(old + "/"):
+                raise StoreError(f"cannot rename {old} into its own child {new}")
             if old == "INBOX":
-                # RFC 9051 §6.3.6: messages move to the new mailbox, INBOX stays and is empty.
+                # RFC 9051 §6.3.6: messages move to the new mailbox, INBOX stays and is empty. INBOX keeps
+                # its UIDVALIDITY and UIDNEXT (UIDs are never reused) and gets a tombstone per moved message,
+                # so sessions with INBOX selected see them expunged (VANISHED under QRESYNC).
                 new_id = self._create_mailbox_tx(c, account_id, new, None)
+                moved = [r[0] for r in c.execute("SELECT uid FROM messages WHERE mailbox_id=?", (row[0],))]
                 c.execute("UPDATE messages SET mailbox_id=? WHERE mailbox_id=?", (new_id, row[0]))
                 hi = c.execute("SELECT MAX(uid), MAX(modseq) FROM messages WHERE mailbox_id=?", (new_id,)).fetchone()
                 c.execute(
                     "UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?",
                     ((hi[0] or 0) + 1, max(hi[1] or 1, 1), new_id),
                 )
-                c.execute("DELETE FROM expunged WHERE mailbox_id=?", (row[0],))
-                c.execute(
-                    "UPDATE mailboxes SET uidvalidity=?, uidnext=1 WHERE id=?",
-                    (self._next_uidvalidity(c), row[0]),
-                )
+                if moved:
+                    modseq = c.execute("SELECT highestmodseq FROM mailboxes WHERE id=?", (row[0],)).fetchone()[0] + 1
+                    c.executemany(
+                        "INSERT OR REPLACE INTO expunged VALUES(?,?,?)", [(row[0], uid, modseq) for uid in moved]
+                    )
+                    c.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (modseq, row[0]))
+                t.mailboxes.add(new_id)
             else:
                 c.execute("UPDATE mailboxes SET name=? WHERE id=?", (new, row[0]))
                 prefix = old + "/"
@@ -463,7 +470,27 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
             return out
 
         result: dict[int, dict[str, Any]] = await self._read(q)
+        stale = [b for b, st in result.items() if st.get("v", 0) < STRUCTURE_VERSION]
+        for blob_id in stale:  # written by an older Postroom: analyse again, once, and keep the result
+            result[blob_id] = await self._reanalyze(blob_id)
         return result
+
+    async def _reanalyze(self, blob_id: int) -> dict[str, Any]:
+        raw = await self.read(blob_id)
+        st = analyze(raw)
+        heads, body = st.pop("search_headers", ""), st.pop("search_body", "")
+        text = json.dumps(st, separators=(",", ":"))
+
+        def tx(c: sqlite3.Connection, t: db.Touched) -> None:
+            indexed = self._unindex(c, blob_id)  # the index's content changes: out with the old text …
+            c.execute(
+                "UPDATE blobs SET structure=?, search_headers=?, search_body=? WHERE id=?", (text, heads, body, blob_id)
+            )
+            if indexed:  # … and in with the new
+                c.execute("INSERT INTO fts(rowid, search_headers, search_body) VALUES(?,?,?)", (blob_id, heads, body))
+
+        await self._write(tx)
+        return st
 
     async def set_flags(
         self,

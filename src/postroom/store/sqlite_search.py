@@ -41,15 +41,18 @@ class SearchMixin:
         c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (upto,))
         return max(cur.rowcount, 1)
 
-    def _unindex(self, c: sqlite3.Connection, blob_id: int) -> None:
-        """Take a blob out of the index before its row goes (external-content FTS needs the old text)."""
+    def _unindex(self, c: sqlite3.Connection, blob_id: int) -> bool:
+        """Take a blob out of the index before its row or text changes (external-content FTS needs the old
+        text). True when it was indexed."""
         mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
-        if blob_id <= mark:
-            c.execute(
-                "INSERT INTO fts(fts, rowid, search_headers, search_body)"
-                " SELECT 'delete', id, search_headers, search_body FROM blobs WHERE id=?",
-                (blob_id,),
-            )
+        if blob_id > mark:
+            return False
+        c.execute(
+            "INSERT INTO fts(fts, rowid, search_headers, search_body)"
+            " SELECT 'delete', id, search_headers, search_body FROM blobs WHERE id=?",
+            (blob_id,),
+        )
+        return True
 
     def _index_behind(self, c: sqlite3.Connection) -> bool:
         mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
