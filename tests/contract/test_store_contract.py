@@ -363,3 +363,53 @@ async def test_structure_of_an_older_version_is_analysed_again(store: Store, sto
     assert st["v"] == STRUCTURE_VERSION and "body" in st
     assert (await store.structures([blob]))[blob] == st  # stored: the next read needs no analysis
     assert await store.search_text(mb, ["contract"]) == {1}
+
+
+async def test_sqlite_schema_1_is_migrated(tmp_path: Path) -> None:
+    """A store written by the first schema (text inside the structure JSON, contentless index) opens, keeps
+    its mail, and finds it by full-text search."""
+    import json
+    import sqlite3
+
+    directory = tmp_path / "old"
+    directory.mkdir()
+    conn = sqlite3.connect(directory / "meta.db", isolation_level=None)
+    conn.executescript(
+        """
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+        INSERT INTO meta VALUES('schema', 1), ('last_uidvalidity', 5), ('fts_indexed', 1);
+        CREATE TABLE accounts(id INTEGER PRIMARY KEY AUTOINCREMENT, address TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL, created REAL NOT NULL);
+        INSERT INTO accounts VALUES(1, 'old@example.test', 'x', 0);
+        CREATE TABLE mailboxes(id INTEGER PRIMARY KEY AUTOINCREMENT, account_id INTEGER NOT NULL, name TEXT NOT NULL,
+            uidvalidity INTEGER NOT NULL, uidnext INTEGER NOT NULL, highestmodseq INTEGER NOT NULL,
+            special_use TEXT, subscribed INTEGER NOT NULL DEFAULT 1, UNIQUE(account_id, name));
+        INSERT INTO mailboxes VALUES(1, 1, 'INBOX', 5, 2, 2, NULL, 1);
+        CREATE TABLE blobs(id INTEGER PRIMARY KEY AUTOINCREMENT, size INTEGER NOT NULL, data BLOB, path TEXT,
+            structure TEXT NOT NULL, refs INTEGER NOT NULL);
+        CREATE TABLE messages(mailbox_id INTEGER NOT NULL, uid INTEGER NOT NULL, blob_id INTEGER NOT NULL,
+            flags TEXT NOT NULL, modseq INTEGER NOT NULL, size INTEGER NOT NULL, internaldate REAL NOT NULL,
+            PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
+        INSERT INTO messages VALUES(1, 1, 1, '', 2, 10, 0);
+        CREATE TABLE fts_pending(blob_id INTEGER PRIMARY KEY);
+        CREATE VIRTUAL TABLE fts USING fts5(headers, body, content='', tokenize='trigram');
+        """
+    )
+    old_structure = {"v": 1, "search_headers": "Subject: legacy", "search_body": "an archived statement"}
+    conn.execute("INSERT INTO blobs VALUES(1, 10, ?, NULL, ?, 1)", (MSG, json.dumps(old_structure)))
+    conn.close()
+    store = open_store(f"sqlite:///{directory}")
+    await store.open()
+    try:
+        assert [m.uid for m in await store.messages(1)] == [1]
+        assert await store.search_text(1, ["archived"]) == {1}
+        assert await store.search_text(1, ["legacy"]) == {1}
+        ((_, uid),) = await store.append(MSG, [AppendTarget(1)])
+        assert uid == 2
+        assert await store.search_text(1, ["contract"]) == {2}  # row 1's text is still the old one …
+        st = (await store.structures([1]))[1]  # … until its old structure is analysed again from its bytes
+        assert st["v"] > 1 and "search_body" not in st
+        assert await store.search_text(1, ["contract"]) == {1, 2}
+        assert await store.search_text(1, ["archived"]) == set()
+    finally:
+        await store.close()

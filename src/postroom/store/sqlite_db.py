@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # octets the WAL file is truncated to after it is reset
 MAX_BATCH = 256  # jobs per group commit; bounds one transaction's duration
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # bump with a MIGRATIONS entry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -124,8 +124,38 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 1 → 2: searchable text moved out of the structure JSON into ``blobs`` columns, and the full-text
+    index became an external-content index over them. The text is copied out of the old JSON; the index
+    is rebuilt from the watermark 0."""
+    cols = {row[1] for row in conn.execute("PRAGMA table_info(blobs)")}
+    if "search_headers" not in cols:
+        conn.execute("ALTER TABLE blobs ADD COLUMN search_headers TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE blobs ADD COLUMN search_body TEXT NOT NULL DEFAULT ''")
+        conn.execute(
+            "UPDATE blobs SET search_headers = COALESCE(json_extract(structure, '$.search_headers'), ''),"
+            " search_body = COALESCE(json_extract(structure, '$.search_body'), json_extract(structure, '$.text'), '')"
+        )
+    fts_cols = {row[1] for row in conn.execute("PRAGMA table_info(fts)")}
+    if fts_cols and "search_body" not in fts_cols:
+        conn.execute("DROP TABLE fts")
+        conn.execute("UPDATE meta SET value=0 WHERE key='fts_indexed'")
+    conn.execute("DROP TABLE IF EXISTS fts_pending")
+
+
+#: Schema migrations by the version they produce; each runs inside the schema transaction.
+MIGRATIONS = {2: _migrate_to_2}
+
+
 def init_schema(conn: sqlite3.Connection) -> None:
+    """Create the schema, or bring an older one up to SCHEMA_VERSION, in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
+    conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID")
+    row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if row is not None and int(row[0]) < SCHEMA_VERSION:
+        for version in range(int(row[0]) + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](conn)
+        conn.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
     for stmt in SCHEMA.split(";"):
         if stmt.strip():
             conn.execute(stmt)
