@@ -53,6 +53,21 @@ def sent_count(ledger: Path) -> int:
         return 0
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            continue
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
 @pytest.mark.slow
 def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun(
     tmp_path: Path, server_factory: Callable[..., RunningServer]
@@ -93,9 +108,16 @@ def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        helpers = _descendants(proc.pid)  # its page-scanning/splitting process pool
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(10)
+    # The pool dies with the burst: no orphaned worker is left waiting forever.
+    assert helpers, "the 300-page burst runs a process pool"
+    deadline = time.monotonic() + 10
+    while [p for p in helpers if Path(f"/proc/{p}").exists()] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in helpers if Path(f"/proc/{p}").exists()], "orphaned burst workers"
 
     os.environ["POSTROOM_SMTP_PASSWORD"] = "burst pw"
     try:

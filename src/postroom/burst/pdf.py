@@ -23,6 +23,8 @@ import io
 import multiprocessing
 import os
 import secrets
+import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -136,6 +138,24 @@ def _chunks(count: int, workers: int) -> list[tuple[int, int]]:
 
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal a process gets when its parent dies
+
+
+def _die_with_parent() -> None:
+    """Pool worker initializer: end when the process that started us dies.
+
+    A burst killed with SIGKILL (or a crash) cannot shut its pool down; without this its workers would wait
+    on their task pipe forever. Linux only; elsewhere the workers go when their pipe closes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 def pool(workers: int) -> ProcessPoolExecutor:
@@ -155,7 +175,7 @@ def pool(workers: int) -> ProcessPoolExecutor:
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["postroom.burst.produce"])
-        ex = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        ex = _POOLS[workers] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent)
         atexit.register(ex.shutdown, wait=True, cancel_futures=True)
         # Start every worker now, while the choice above still holds (the executor adds threads).
         for fut in [ex.submit(os.getpid) for _ in range(workers * 2)]:
