@@ -100,7 +100,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         await asyncio.to_thread(self._open_sync)
         self._readers = db.ReaderPool(self.db_path, READER_THREADS)
         self._readers.start()
-        self._writer = db.GroupCommitWriter(self.db_path, self._announce)
+        self._writer = db.GroupCommitWriter(self.db_path, self._remove_dead_files, self._announce)
         self._writer.start()
         self.hub.start(self._loop)
 
@@ -122,19 +122,22 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
             await asyncio.to_thread(self._readers.stop)
             self._readers = None
 
-    def _announce(self, touched: db.Touched) -> None:
-        """Writer thread, after COMMIT: remove dead blob files, then wake watchers on the loop."""
+    @staticmethod
+    def _remove_dead_files(touched: db.Touched) -> None:
+        """Writer thread, after COMMIT: the files of messages whose last reference went."""
         for path in touched.unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if (touched.mailboxes or touched.accounts) and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.hub.notify, set(touched.mailboxes), set(touched.accounts))
+
+    def _announce(self, touched: db.Touched) -> None:
+        """Event loop, after COMMIT: wake the watchers of what changed, here and in other processes."""
+        self.hub.notify(touched.mailboxes, touched.accounts)
 
     # -- plumbing ---------------------------------------------------------------------------------
-    async def _read(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(connection, *args)`` on a reader thread (never on the event loop)."""
+    async def _read(self, fn: Any) -> Any:
+        """Run ``fn(connection)`` on a reader thread (never on the event loop)."""
         assert self._readers is not None, "store is not open"
-        return await self._readers.run(lambda conn: fn(conn, *args))
+        return await self._readers.run(fn)
 
     async def _write(self, fn: db.WriteFn, prepare: Any = None) -> Any:
         assert self._writer is not None, "store is not open"

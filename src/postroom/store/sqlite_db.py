@@ -188,13 +188,16 @@ class _Job:
 class GroupCommitWriter:
     """The one writer thread. ``submit(fn)`` → awaitable result, durable when it resolves.
 
-    A batch's callers are answered with one ``call_soon_threadsafe`` after its COMMIT, so the event
-    loop is woken once per commit, not once per job.
+    A batch's changes are announced and its callers answered with one ``call_soon_threadsafe`` after its
+    COMMIT, so the event loop is woken once per commit, not once per job.
     """
 
-    def __init__(self, path: Path, on_commit: Callable[[Touched], None]) -> None:
+    def __init__(self, path: Path, cleanup: Callable[[Touched], None], announce: Callable[[Touched], None]) -> None:
+        """``cleanup(touched)`` runs on the writer thread after each COMMIT (file removal: I/O off the loop);
+        ``announce(touched)`` runs on the event loop just before the batch's callers are answered."""
         self._path = path
-        self._on_commit = on_commit
+        self._cleanup = cleanup
+        self._announce = announce
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
@@ -241,12 +244,26 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(nxt)
-            self._run_batch(batch)
+            touched = self._run_batch(batch)
             if self._loop is not None and not self._loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    self._loop.call_soon_threadsafe(_resolve, batch)
+                    self._loop.call_soon_threadsafe(self._finish, batch, touched)
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _finish(self, batch: list[_Job], touched: Touched | None) -> None:
+        """On the event loop, after COMMIT: announce the changes, then answer every caller of the batch."""
+        if touched is not None and (touched.mailboxes or touched.accounts):
+            self._announce(touched)
+        for job in batch:
+            if job.future.done() or job.outcome is None:
+                continue
+            ok, value = job.outcome
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    def _run_batch(self, batch: list[_Job]) -> Touched | None:
+        """Prepare, run and commit ``batch``; what it changed, or None when nothing committed."""
         conn = self._conn
         assert conn is not None
         for job in batch:  # CPU work (e.g. parsing) before the write lock is taken
@@ -257,7 +274,7 @@ class GroupCommitWriter:
                     job.outcome = (False, exc)
         live = [j for j in batch if j.outcome is None]
         if not live:
-            return
+            return None
         touched_by: list[Touched] = []
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
@@ -265,7 +282,7 @@ class GroupCommitWriter:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         if not committed:
-            return
+            return None
         self.commits += 1
         self.jobs_done += len(live)
         touched_all = Touched()
@@ -274,9 +291,10 @@ class GroupCommitWriter:
             touched_all.accounts |= touched.accounts
             touched_all.unlink.extend(touched.unlink)
         try:
-            self._on_commit(touched_all)
-        except Exception:  # pragma: no cover - announcing must never kill the writer
-            log.exception("change announcement failed")
+            self._cleanup(touched_all)
+        except Exception:  # pragma: no cover - cleaning up must never kill the writer
+            log.exception("post-commit clean-up failed")
+        return touched_all
 
     def _transaction(self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
         """Run ``live`` in one transaction; True when it committed (each job's outcome is set)."""
@@ -305,18 +323,6 @@ class GroupCommitWriter:
             for job in live:
                 job.outcome = (False, err)
             return False
-
-
-def _resolve(batch: list[_Job]) -> None:
-    """On the event loop, after COMMIT: answer every caller of the batch."""
-    for job in batch:
-        if job.future.done() or job.outcome is None:
-            continue
-        ok, value = job.outcome
-        if ok:
-            job.future.set_result(value)
-        else:
-            job.future.set_exception(value)
 
 
 class ReaderPool:
