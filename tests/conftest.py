@@ -1,7 +1,7 @@
 """Shared fixtures: a whole Postroom server on 127.0.0.1:0, run in a background thread.
 
 ``server`` (or ``server_factory(**overrides)``) gives a :class:`RunningServer`: a real App (SQLite store in
-``tmp_path``, self-signed TLS, Authenticator) with a listener per service whose adapter exists, each on an
+``tmp_path``, self-signed TLS, Authenticator) with a listener per service of ``serve.HANDLERS``, each on an
 ephemeral loopback port. Tests use blocking clients (smtplib, imaplib, poplib, swaks …) directly, and
 ``server.call(coro)`` to run store operations on the server's loop.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
-import importlib
 import os
 import shutil
 import ssl
@@ -21,16 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from postroom.app import App, ListenerSpec
+from postroom.app import App, ListenerSpec, TlsMode
 from postroom.auth.passwords import hash_password
 from postroom.auth.service import Authenticator
 from postroom.config import Config, ListenersConfig
+from postroom.net import tls
 from postroom.net.server import Listener
+from postroom.serve import HANDLERS, IMPLICIT_TLS, load_object
 from postroom.store.api import Account, Store
 from postroom.store.sqlite import open_store
 
@@ -38,17 +34,6 @@ T = TypeVar("T")
 
 DOMAIN = "example.test"
 HOST = "127.0.0.1"
-
-#: service → (adapter module, TLS mode); a service whose module is missing is not started.
-SERVICES: dict[str, tuple[str, str]] = {
-    "smtp": ("postroom.smtp.adapter", "starttls"),
-    "submission": ("postroom.smtp.adapter", "starttls"),
-    "submissions": ("postroom.smtp.adapter", "implicit"),
-    "pop3": ("postroom.pop3.adapter", "starttls"),
-    "pop3s": ("postroom.pop3.adapter", "implicit"),
-    "imap": ("postroom.imap.adapter", "starttls"),
-    "imaps": ("postroom.imap.adapter", "implicit"),
-}
 
 
 def require_program(name: str) -> str:
@@ -62,47 +47,15 @@ def require_program(name: str) -> str:
 
 
 def make_test_cert(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
-    """A self-signed ECDSA certificate for ``hostname``, 127.0.0.1 and ::1 (tests only)."""
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName(hostname),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
+    """A self-signed certificate for ``hostname``, 127.0.0.1 and ::1, made the way the server makes its own."""
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    tls.generate_self_signed(cert_path, key_path, hostname)
     return cert_path, key_path
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    """The server's own TLS policy (``net.tls``) with this certificate, so tests exercise what runs."""
+    return tls.server_context(tls.CertFiles(cert, key, self_signed=True))
 
 
 @pytest.fixture(scope="session")
@@ -186,14 +139,11 @@ def server_factory(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Cal
             app = App(cfg, store, Authenticator(store, cfg.auth), server_tls_context(cert, key))
             listeners: list[Listener] = []
             ports: dict[str, int] = {}
-            for service, (module, tls) in SERVICES.items():
+            for service, ref in HANDLERS.items():  # the same table `postroom serve` uses
                 if services is not None and service not in services:
                     continue
-                try:
-                    handler = importlib.import_module(module).handle
-                except ModuleNotFoundError:
-                    continue
-                lst = Listener(ListenerSpec(service, HOST, 0, tls), app, handler)  # type: ignore[arg-type]
+                mode: TlsMode = "implicit" if service in IMPLICIT_TLS else "starttls"
+                lst = Listener(ListenerSpec(service, HOST, 0, mode), app, load_object(ref))
                 await lst.start()
                 listeners.append(lst)
                 ports[service] = lst.port
