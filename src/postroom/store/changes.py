@@ -75,9 +75,6 @@ class ChangeHub:
             if not group:
                 del self._watches[key]
 
-    def watcher_count(self) -> int:
-        return sum(len(g) for g in self._watches.values())
-
     def notify(self, mailboxes: Iterable[int], accounts: Iterable[int] = (), *, broadcast: bool = True) -> None:
         """Wake local watchers; with ``broadcast`` also tell the other processes."""
         mbs = set(mailboxes)

@@ -204,7 +204,6 @@ class GroupCommitWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd = -1
         self.commits = 0  # statistics: transactions committed
-        self.jobs_done = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -284,7 +283,6 @@ class GroupCommitWriter:
         if not committed:
             return None
         self.commits += 1
-        self.jobs_done += len(live)
         touched_all = Touched()
         for touched in touched_by:
             touched_all.mailboxes |= touched.mailboxes
