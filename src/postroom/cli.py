@@ -205,13 +205,8 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     address = normalize_address(args.address)
     pw_hash = hash_password(read_password(args))
 
-    async def work(store: Store) -> None:
-        if await store.get_account(address) is None:
-            raise NotFoundError(address)
-        await store.set_password(address, pw_hash)
-
-    try:
-        _with_store(cfg, work)
+    try:  # set_password raises NotFoundError for an unknown address: no separate look-up
+        _with_store(cfg, lambda store: store.set_password(address, pw_hash))
     except NotFoundError:
         raise UsageError(f"no such user {address}") from None
     print(f"changed the password of {address}")
