@@ -4,6 +4,8 @@ responses. No event loop: every coroutine is driven to completion by ``run``."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
+from typing import Any
 
 from imap_fake_store import Account, FakeStore, run
 
@@ -364,3 +366,24 @@ def test_blob_cache_serves_repeated_fetches_without_the_store() -> None:
     small.put(1, b"x" * 60)
     small.put(2, b"y" * 60)  # evicts 1
     assert small.get(1) is None and small.get(2) == b"y" * 60 and small.size == 60
+
+
+def test_whole_message_fetch_reads_only_the_bytes() -> None:
+    """``BODY.PEEK[]`` and ``BODY[]<partial>`` need no stored structure; ``BODY`` (the structure item) does."""
+
+    class Counting(FakeStore):
+        structure_calls = 0
+
+        async def structures(self, blob_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+            Counting.structure_calls += 1
+            return await super().structures(blob_ids)
+
+    store = Counting()
+    store.deliver("INBOX", PLAIN)
+    c = Client(store)
+    c.cmd("s SELECT INBOX")
+    assert c.cmd("a UID FETCH 1 BODY.PEEK[]")[-1].startswith("a OK")
+    assert c.cmd("b FETCH 1 BODY.PEEK[]<0.4>")[0] == "* 1 FETCH (BODY[]<0> {4}"
+    assert Counting.structure_calls == 0
+    assert c.cmd("c FETCH 1 BODY")[0].startswith("* 1 FETCH (BODY (")
+    assert Counting.structure_calls == 1

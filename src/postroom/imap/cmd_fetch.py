@@ -331,7 +331,7 @@ async def fetch(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome |
         return None
     with_flags = (*atts, FetchAtt("FLAGS"))
     needs_struct = any(
-        a.name in STRUCT_ATTS
+        (a.section is None and a.name in STRUCT_ATTS)  # BODY[] is a section, not BODYSTRUCTURE's BODY
         or a.name in ("RFC822.HEADER", "RFC822.TEXT")
         or (a.section is not None and (a.section.path or a.section.text or a.name != "BODY"))
         for a in atts
