@@ -16,8 +16,6 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-import aiosmtplib
-
 from postroom.burst.transport import CONNECT_TIMEOUT, SessionError, Transport, open_session
 
 GMAIL_HOSTS = ("smtp.gmail.com", "smtp.googlemail.com")
@@ -72,7 +70,7 @@ def explain(err: SessionError, t: Transport) -> str:
         t.security != "tls"
         and err.stage in ("connect", "greeting")
         and ("timed out" in text or "timeout" in text)
-        and _connected(chain)
+        and _connected(err, chain)
     ):
         return (
             f"{where} accepted the connection but sent no greeting: it expects SSL from the first byte. "
@@ -95,11 +93,9 @@ def explain(err: SessionError, t: Transport) -> str:
     return f"The session failed at {err.stage}: {err.detail}"
 
 
-def _connected(chain: list[BaseException]) -> bool:
+def _connected(err: SessionError, chain: list[BaseException]) -> bool:
     """True when the failure came after TCP connected (a read timeout, not a connect timeout)."""
-    return any(
-        isinstance(e, aiosmtplib.SMTPReadTimeoutError | aiosmtplib.SMTPServerDisconnected) for e in chain
-    ) or any("greeting" in str(e).lower() or "waiting for server response" in str(e).lower() for e in chain)
+    return err.stage == "greeting" or any("greeting" in str(e).lower() for e in chain)
 
 
 def _explain_auth(err: SessionError, t: Transport) -> str:
@@ -137,13 +133,10 @@ def _explain_auth(err: SessionError, t: Transport) -> str:
 async def check(t: Transport, password: str | None, *, timeout: float = CONNECT_TIMEOUT) -> CheckResult:
     """Run the connection check; never raises for network or protocol trouble."""
     try:
-        smtp = await open_session(t, password, timeout=timeout)
+        client = await open_session(t, password, timeout=timeout)
     except SessionError as err:
         return CheckResult(False, f"FAILED: {t} ({err.stage}: {err.detail})", explain(err, t))
-    try:
-        tls = "TLS" if smtp.get_transport_info("sslcontext") or t.security != "plain" else "no TLS"
-        auth = f", authenticated as {t.user}" if t.user else ", no authentication"
-        await smtp.quit()
-    except (aiosmtplib.SMTPException, OSError):
-        smtp.close()
+    tls = f"TLS {client.tls_info}".strip() if client.is_tls else "no TLS"
+    auth = f", authenticated as {t.user}" if t.user else ", no authentication"
+    await client.quit()
     return CheckResult(True, f"OK: {t} ({tls}{auth}); nothing was sent")

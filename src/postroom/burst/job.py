@@ -346,8 +346,8 @@ async def _send_smtp(
     password = _password(opts, "POSTROOM_SMTP_PASSWORD", f"SMTP password for {t.user}") if t.user else None
     # The same check as --check, before anything is sent.
     try:
-        smtp = await open_session(t, password, timeout=opts.connect_timeout or 15.0)
-        smtp.close()
+        client = await open_session(t, password, timeout=opts.connect_timeout or 15.0)
+        await client.quit()
     except SessionError as err:
         _say(opts, f"connection check failed: {t} ({err.stage}: {err.detail})\n{explain(err, t)}\nnothing was sent")
         return EXIT_FAILED

@@ -8,13 +8,18 @@ The password never comes from the URL or the command line: ``POSTROOM_SMTP_PASSW
 Invariants:
 - Security is explicit: with ``smtp+starttls`` a server without STARTTLS is an error, never a silent
   downgrade; certificates are verified unless ``verify=no``.
-- :class:`Sender` keeps up to ``concurrency`` connections open and reuses each for many messages. Every
-  message is all-or-nothing: if any recipient is refused, the transaction is reset and nothing is sent.
+- The wire is :class:`postroom.delivery.client.SmtpClient`, the relay's client: PIPELINING (RFC 2920) puts
+  MAIL, RCPT and DATA in one write, so a message costs two round trips instead of four; every byte comes
+  from :mod:`postroom.delivery.wire` (addresses checked for CR/LF, DATA CRLF-only and dot-stuffed).
+- :class:`Sender` keeps up to ``concurrency`` connections open and reuses each for many messages
+  (``MESSAGES_PER_CONNECTION``). Every message is all-or-nothing: if any recipient is refused, the
+  transaction is reset and nothing is sent (with several recipients DATA waits for every RCPT reply).
 - Replies decide: 2xx sent; 5xx failed, never retried; 4xx (including 421) and lost connections before DATA
   back off exponentially and retry up to ``max_attempts``. A connection lost *during* DATA is ``unknown``
   (the server may have accepted it) and never retried automatically.
-- ``on_sending`` (the ledger's durable "sending" mark) runs while MAIL and RCPT are in flight and is
-  awaited before DATA: nothing of the message is transmitted before the mark is on disk.
+- ``on_sending`` (the ledger's durable "sending" mark) is awaited after the ``354`` and before the first
+  octet of the message: nothing of the message is transmitted before the mark is on disk. If it fails, the
+  connection is dropped without the final dot (the server discards the transaction).
 - Provider limits are enforced here: messages per minute is a pace, recipients per message is checked in
   the plan, per-day limits are checked against the ledger before sending.
 """
@@ -25,15 +30,15 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import aiosmtplib
-
-from postroom.errors import ConfigError
+from postroom.delivery.client import Rcpt, SmtpClient
+from postroom.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +196,7 @@ class Outcome:
 
 
 class SessionError(Exception):
-    """Opening a session failed; ``stage`` says where (connect, tls, starttls, auth)."""
+    """Opening a session failed; ``stage`` says where (connect, greeting, tls, starttls, auth)."""
 
     def __init__(self, stage: str, detail: str, *, code: int = 0, cause: BaseException | None = None) -> None:
         super().__init__(f"{stage}: {detail}")
@@ -201,58 +206,82 @@ class SessionError(Exception):
         self.cause = cause
 
 
-async def open_session(t: Transport, password: str | None, *, timeout: float = CONNECT_TIMEOUT) -> aiosmtplib.SMTP:
-    """Connect, negotiate TLS as the URL says, authenticate. Raises :class:`SessionError`."""
-    ctx = t.tls_context() if t.security != "plain" else None
-    smtp = aiosmtplib.SMTP(
-        hostname=t.host,
-        port=t.port,
-        use_tls=t.security == "tls",
-        start_tls=False,
-        tls_context=ctx if t.security == "tls" else None,
-        timeout=timeout,
-        local_hostname=t.helo,
-    )
+_NETWORK_ERRORS = (OSError, TimeoutError, RemoteProtocolError)  # ConnectionError and ssl.SSLError are OSErrors
+
+
+def _describe(exc: BaseException, waiting_for: str) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"timed out waiting for {waiting_for}"
+    return str(exc) or repr(exc)
+
+
+async def open_session(t: Transport, password: str | None, *, timeout: float = CONNECT_TIMEOUT) -> SmtpClient:
+    """Connect, negotiate TLS as the URL says, authenticate. Raises :class:`SessionError`.
+
+    Stages: ``connect`` (TCP, and the handshake for smtps), ``greeting`` (connected, then no or a bad
+    greeting/EHLO: a silent peer on an implicit-TLS port looks like this), ``starttls`` (not offered or
+    refused), ``tls`` (the STARTTLS handshake, certificate checks included), ``auth``.
+    """
+    helo = t.helo or _local_name()
+    implicit = t.tls_context() if t.security == "tls" else None
     try:
-        await smtp.connect()
-    except aiosmtplib.SMTPException as exc:
-        raise SessionError("connect", str(exc), cause=exc.__cause__ or exc) from exc
-    except (OSError, ssl.SSLError) as exc:
-        raise SessionError("connect", str(exc), cause=exc) from exc
+        client = await SmtpClient.connect(
+            t.host,
+            t.port,
+            connect_timeout=timeout,
+            command_timeout=timeout,
+            tls=implicit,
+            server_hostname=t.host,
+            read_greeting=False,
+        )
+    except _NETWORK_ERRORS as exc:
+        raise SessionError("connect", _describe(exc, "the connection"), cause=exc) from exc
     try:
-        await smtp.ehlo()
+        greeting = await client.read_reply()
+        if greeting.code != 220:
+            raise SessionError("greeting", str(greeting), code=greeting.code)
+        reply = await client.ehlo(helo)
+        if not reply.positive:
+            raise SessionError("greeting", f"EHLO refused: {reply}", code=reply.code)
         if t.security == "starttls":
-            if not smtp.supports_extension("starttls"):
+            if not client.ext.has("STARTTLS"):
                 raise SessionError("starttls", "the server does not offer STARTTLS")
             try:
-                await smtp.starttls(tls_context=ctx)
-            except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
-                raise SessionError("tls", str(exc), cause=exc.__cause__ or exc) from exc
-            await smtp.ehlo()
+                reply = await client.starttls(t.tls_context(), t.host)
+            except _NETWORK_ERRORS as exc:
+                raise SessionError("tls", _describe(exc, "the TLS handshake"), cause=exc) from exc
+            if reply.code != 220:
+                raise SessionError("starttls", f"STARTTLS refused: {reply}", code=reply.code)
+            reply = await client.ehlo(helo)
+            if not reply.positive:
+                raise SessionError("greeting", f"EHLO after STARTTLS refused: {reply}", code=reply.code)
         if t.user:
             if t.security == "plain" and not t.is_loopback:
                 raise SessionError("auth", "refusing to send the password without TLS to a remote host")
-            if not smtp.supports_extension("auth"):
+            if not client.ext.has("AUTH"):
                 raise SessionError("auth", "the server offers no AUTH on this connection")
-            try:
-                # One mechanism only: a second try after a refusal counts as another failed login
-                # against providers' lock-out limits.
-                if "PLAIN" in smtp.server_auth_methods or "plain" in smtp.server_auth_methods:
-                    await smtp.auth_plain(t.user, password or "")
-                else:
-                    await smtp.auth_login(t.user, password or "")
-            except aiosmtplib.SMTPAuthenticationError as exc:
-                raise SessionError("auth", exc.message, code=exc.code, cause=exc) from exc
+            # One mechanism only (PLAIN if offered, else LOGIN): a second try after a refusal counts as
+            # another failed login against providers' lock-out limits.
+            reply = await client.auth(t.user, password or "", allow_plaintext=t.security == "plain")
+            if reply.code != 235:  # RFC 4954 §6
+                raise SessionError("auth", " ".join(reply.lines), code=reply.code)
     except SessionError:
-        smtp.close()
+        client.close()
         raise
-    except aiosmtplib.SMTPResponseException as exc:
-        smtp.close()
-        raise SessionError("greeting", f"{exc.code} {exc.message}", code=exc.code, cause=exc) from exc
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        smtp.close()
-        raise SessionError("greeting", str(exc), cause=exc) from exc
-    return smtp
+    except _NETWORK_ERRORS as exc:
+        client.close()
+        raise SessionError("greeting", _describe(exc, "the server's greeting"), cause=exc) from exc
+    except BaseException:
+        client.close()
+        raise
+    client.command_timeout = COMMAND_TIMEOUT
+    return client
+
+
+@functools.cache
+def _local_name() -> str:
+    """The EHLO name when the URL gives none (looked up once: getfqdn may ask the resolver)."""
+    return socket.getfqdn() or "localhost"
 
 
 OnSending = Callable[[], Awaitable[None]]
@@ -281,18 +310,15 @@ class Sender:
         self.password = password
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
-        self._idle: list[tuple[aiosmtplib.SMTP, int]] = []
+        self._idle: list[tuple[SmtpClient, int]] = []
         self._slots = asyncio.Semaphore(transport.limits.concurrency)
         self._pace_lock = asyncio.Lock()
         self._next_start = 0.0
+        self._quitting: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for smtp, _ in idle:
-            try:
-                await smtp.quit(timeout=5)
-            except (aiosmtplib.SMTPException, OSError):
-                smtp.close()
+        await asyncio.gather(*(client.quit() for client, _ in idle), *self._quitting)
 
     async def _pace(self) -> None:
         per_minute = self.transport.limits.messages_per_minute
@@ -322,83 +348,59 @@ class Sender:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, env: Envelope, on_sending: OnSending) -> Outcome:
-        await self._pace()
+        if self.transport.limits.messages_per_minute:
+            await self._pace()
         if self._idle:
-            smtp, used = self._idle.pop()
+            client, used = self._idle.pop()
         else:
             try:
-                smtp, used = await open_session(self.transport, self.password), 0
+                client, used = await open_session(self.transport, self.password), 0
             except SessionError as exc:
                 if exc.stage == "auth" and 500 <= exc.code < 600:
                     return Outcome("failed", f"{exc.code} {exc.detail}")
                 return Outcome("deferred", f"{exc.stage}: {exc.detail}")
-        options_b = [b"SMTPUTF8"] if env.smtputf8 else []
-        if env.smtputf8 and not smtp.supports_extension("smtputf8"):
-            self._release(smtp, used)
+        if env.smtputf8 and not client.ext.has("SMTPUTF8"):
+            self._release(client, used)
             return Outcome("failed", "the server does not support SMTPUTF8 (RFC 6531) for these addresses")
-        # The durable "sending" mark is written while MAIL and RCPT travel; DATA waits for it.
-        marked = asyncio.ensure_future(on_sending())
         try:
-            # One deadline for the envelope instead of one timer task per command (aiosmtplib's
-            # per-command timeout costs a task each; at thousands of messages a second that shows).
-            async with asyncio.timeout(COMMAND_TIMEOUT * (1 + len(env.recipients))):
-                # Addresses were validated (postroom.wire.address) when the plan was made; execute_command
-                # still refuses CR/LF. Going around mail()/rcpt() saves re-parsing them per message.
-                await _expect(smtp, (250,), b"MAIL", b"FROM:<" + env.sender.encode() + b">", *options_b)
-                for rcpt in env.recipients:
-                    await _expect(smtp, (250, 251), b"RCPT", b"TO:<" + rcpt.encode() + b">")
-        except aiosmtplib.SMTPResponseException as exc:
-            await marked
-            if exc.code != 421 and await _reset(smtp):
-                self._release(smtp, used)
-            else:
-                smtp.close()
-            status = "failed" if 500 <= exc.code < 600 else "deferred"
-            return Outcome(status, f"{exc.code} {exc.message}")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            await marked
-            smtp.close()
+            result = await client.transaction(
+                env.sender,
+                [Rcpt(a) for a in env.recipients],
+                env.data,
+                eight_bit=not env.data.isascii(),
+                smtputf8=env.smtputf8,
+                all_or_nothing=True,
+                before_data=on_sending,
+            )
+        except LocalProtocolError as exc:  # an address that cannot go on the wire (the plan validated them)
+            self._release(client, used)
+            return Outcome("failed", f"not sent: {exc}")
+        except _NETWORK_ERRORS as exc:
+            client.close()
+            if client.data_started:
+                return Outcome("unknown", f"connection lost during DATA; the server may have accepted it ({exc!r})")
             return Outcome("deferred", f"connection lost before DATA: {exc!r}", retry_now=used > 0)
-        except BaseException:
-            marked.cancel()
+        except BaseException:  # cancelled (Ctrl-C) or the ledger failed: never reuse a connection mid-transaction
+            client.close()
             raise
-        try:
-            await marked
-            async with asyncio.timeout(DATA_TIMEOUT):
-                reply = await smtp.data(env.data, timeout=None)
-        except aiosmtplib.SMTPResponseException as exc:
-            # A reply to DATA or to the final dot that is not 2xx: the server did not take the message.
-            if exc.code != 421 and await _reset(smtp):
-                self._release(smtp, used)
-            else:
-                smtp.close()
-            status = "failed" if 500 <= exc.code < 600 else "deferred"
-            return Outcome(status, f"{exc.code} {exc.message}")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            return Outcome("unknown", f"connection lost during DATA; the server may have accepted it ({exc})")
-        self._release(smtp, used + 1)
-        return Outcome("sent", f"{reply.code} {reply.message}")
-
-    def _release(self, smtp: aiosmtplib.SMTP, used: int) -> None:
-        if used >= MESSAGES_PER_CONNECTION or not smtp.is_connected:
-            smtp.close()
+        if result.data is not None and result.data.positive:
+            self._release(client, used + 1)
+            return Outcome("sent", str(result.data))
+        # The first refusal decides: MAIL, a RCPT, DATA's 354 or the final reply (the client sent RSET).
+        refused = next((r for r in (result.mail, *result.rcpts) if not r.positive), result.data)
+        assert refused is not None
+        if refused.code == 421:  # RFC 5321 §3.8: the server is closing the connection
+            client.close()
         else:
-            self._idle.append((smtp, used))
+            self._release(client, used)
+        return Outcome("failed" if refused.permanent else "deferred", str(refused))
 
-
-async def _expect(smtp: aiosmtplib.SMTP, ok: tuple[int, ...], *args: bytes) -> None:
-    """Run one command; a reply outside ``ok`` raises :class:`aiosmtplib.SMTPResponseException`."""
-    reply = await smtp.execute_command(*args, timeout=None)
-    if reply.code not in ok:
-        raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
-
-
-async def _reset(smtp: aiosmtplib.SMTP) -> bool:
-    """RSET after a refused transaction; True when the connection is still usable."""
-    try:
-        await smtp.rset(timeout=COMMAND_TIMEOUT)
-    except (aiosmtplib.SMTPException, OSError):
-        smtp.close()
-        return False
-    return True
+    def _release(self, client: SmtpClient, used: int) -> None:
+        if used >= MESSAGES_PER_CONNECTION and client.usable:
+            task = asyncio.get_running_loop().create_task(client.quit())
+            self._quitting.add(task)
+            task.add_done_callback(self._quitting.discard)
+        elif not client.usable:
+            client.close()
+        else:
+            self._idle.append((client, used))

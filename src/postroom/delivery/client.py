@@ -8,7 +8,10 @@ Invariants:
   (RFC 3207 §4.2, the CVE-2011-0411 class seen from the client side). The EHLO is repeated inside TLS and
   the pre-TLS extensions are forgotten (RFC 3207 §4.2).
 - PIPELINING (RFC 2920) groups MAIL, every RCPT and DATA in one write; the message itself is only sent after
-  a ``354``. Without PIPELINING each command waits for its reply.
+  a ``354``. Without PIPELINING each command waits for its reply. With ``all_or_nothing`` (the burst sender)
+  a transaction of several recipients sends DATA only after every RCPT was accepted, so no recipient gets a
+  message another was refused; ``before_data`` is awaited after the ``354`` and before the first octet of
+  the message, and :attr:`SmtpClient.data_started` says whether any octet of it may have left.
 - No method swallows :class:`asyncio.CancelledError`; a broken connection raises :class:`ConnectionError`,
   :class:`TimeoutError` or :class:`RemoteProtocolError`, and the caller closes it.
 """
@@ -20,7 +23,7 @@ import base64
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from postroom.delivery import wire
@@ -135,6 +138,7 @@ class SmtpClient:
         self.tls_info = ""
         self.transactions = 0
         self.broken = False
+        self.data_started = False  # the current transaction's message octets were handed to the transport
 
     @classmethod
     async def connect(
@@ -146,8 +150,10 @@ class SmtpClient:
         command_timeout: float,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        read_greeting: bool = True,
     ) -> SmtpClient:
-        """Open a TCP (or implicit-TLS) connection and read the greeting; raises on a non-2xx greeting."""
+        """Open a TCP (or implicit-TLS) connection and read the greeting (unless ``read_greeting`` is False:
+        then the caller reads it with :meth:`read_reply`, telling a silent peer from an unreachable one)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         async with asyncio.timeout(connect_timeout):
@@ -163,6 +169,8 @@ class SmtpClient:
         client = cls(proto, (address, port), command_timeout)
         if tls is not None:
             client._note_tls()
+        if not read_greeting:
+            return client
         try:
             client.greeting = await client.read_reply()
         except BaseException:
@@ -173,24 +181,30 @@ class SmtpClient:
     # -- replies and commands -------------------------------------------------------------------
     async def read_reply(self, timeout: float | None = None) -> Reply:
         p = self._p
-        async with asyncio.timeout(timeout or self.command_timeout):
-            while True:
-                if p.error is not None:
-                    self.broken = True
-                    raise p.error
-                reply = p.parser.next_reply()
-                if reply is not None:
-                    if log.isEnabledFor(TRACE):
-                        log.log(TRACE, "%s < %s", self.peer[0], reply)
-                    return reply
-                if p.eof:
-                    self.broken = True
-                    raise ConnectionError("connection closed by the peer")
-                p.waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await p.waiter
-                finally:
-                    p.waiter = None
+        deadline: float | None = None
+        while True:
+            if p.error is not None:
+                self.broken = True
+                raise p.error
+            reply = p.parser.next_reply()
+            if reply is not None:
+                if log.isEnabledFor(TRACE):
+                    log.log(TRACE, "%s < %s", self.peer[0], reply)
+                return reply
+            if p.eof:
+                self.broken = True
+                raise ConnectionError("connection closed by the peer")
+            # The timer is armed only when we actually wait: pipelined replies often arrive together.
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + (timeout or self.command_timeout)
+            p.waiter = waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                p.waiter = None
 
     def _write(self, data: bytes, shown: str | None = None) -> None:
         """Send ``data``; the TRACE transcript shows ``shown`` instead when given (secrets, bodies)."""
@@ -259,9 +273,10 @@ class SmtpClient:
             cipher = obj.cipher()
             self.tls_info = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
 
-    async def auth(self, user: str, password: str) -> Reply:
-        """AUTH PLAIN (RFC 4616) or LOGIN, whichever the peer offers. Only ever called inside TLS."""
-        if not self.is_tls:
+    async def auth(self, user: str, password: str, *, allow_plaintext: bool = False) -> Reply:
+        """AUTH PLAIN (RFC 4616) or LOGIN, whichever the peer offers. Only inside TLS, unless the caller
+        passes ``allow_plaintext`` (the burst sender does for a loopback peer only)."""
+        if not self.is_tls and not allow_plaintext:
             raise LocalProtocolError("refusing to send a password without TLS")
         mechs = self.ext.auth_mechanisms
         if "PLAIN" in mechs or not mechs:
@@ -285,9 +300,17 @@ class SmtpClient:
         smtputf8: bool,
         ret: str = "",
         envid: str = "",
+        all_or_nothing: bool = False,
+        before_data: Callable[[], Awaitable[None]] | None = None,
     ) -> TransactionResult:
-        """One mail transaction. Commands are encoded (and addresses checked) before anything is written."""
+        """One mail transaction. Commands are encoded (and addresses checked) before anything is written.
+
+        ``all_or_nothing``: the message goes only when every recipient was accepted (else RSET, ``data`` None).
+        ``before_data`` runs after the ``354`` and before any octet of the message; if it raises, the
+        connection is closed without the final dot (the peer discards the transaction) and the error rises.
+        """
         ext = self.ext
+        self.data_started = False
         mail = wire.mail_command(
             sender, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8, ret=ret, envid=envid
         )
@@ -296,7 +319,17 @@ class SmtpClient:
         ]
         payload = wire.data_payload(message)
         self.transactions += 1
-        if ext.has("PIPELINING"):
+        if all_or_nothing and len(rcpt_lines) > 1 and ext.has("PIPELINING"):
+            # DATA waits for the RCPT replies: a 354 after a refusal would leave only "." or a dropped
+            # connection to keep the others from getting the message.
+            self._write(mail + b"".join(rcpt_lines))
+            mail_reply = await self.read_reply()
+            rcpt_replies = tuple([await self.read_reply() for _ in rcpt_lines])
+            if not mail_reply.positive or not all(r.positive for r in rcpt_replies):
+                await self.rset()
+                return TransactionResult(mail_reply, rcpt_replies, None)
+            data_reply = await self.command(b"DATA\r\n", DATA_INIT_TIMEOUT)
+        elif ext.has("PIPELINING"):
             self._write(mail + b"".join(rcpt_lines) + b"DATA\r\n")
             mail_reply = await self.read_reply()
             rcpt_replies = tuple([await self.read_reply() for _ in rcpt_lines])
@@ -306,7 +339,9 @@ class SmtpClient:
             if not mail_reply.positive:
                 return TransactionResult(mail_reply, tuple(mail_reply for _ in rcpts), None)
             rcpt_replies = tuple([await self.command(line) for line in rcpt_lines])
-            if not any(r.positive for r in rcpt_replies):
+            if not any(r.positive for r in rcpt_replies) or (
+                all_or_nothing and not all(r.positive for r in rcpt_replies)
+            ):
                 await self.rset()
                 return TransactionResult(mail_reply, rcpt_replies, None)
             data_reply = await self.command(b"DATA\r\n", DATA_INIT_TIMEOUT)
@@ -323,6 +358,18 @@ class SmtpClient:
             # RFC 2920 §3.1: a 354 although nothing was accepted: send an empty message and drop it.
             await self.command(b".\r\n", DATA_END_TIMEOUT)
             return TransactionResult(mail_reply, rcpt_replies, None)
+        if all_or_nothing and not all(r.positive for r in rcpt_replies):
+            # Only reachable with one pipelined write (a single recipient cannot be partly refused); a
+            # 354 with a refused recipient: end without the dot, so nobody gets it.
+            self.close()
+            raise ConnectionError("354 after a refused recipient; connection dropped, nothing sent")
+        if before_data is not None:
+            try:
+                await before_data()
+            except BaseException:
+                self.close()  # no final dot: the peer discards the transaction (RFC 5321 §4.1.1.4)
+                raise
+        self.data_started = True
         self._write(payload, shown=f"[message, {len(payload)} octets]")
         await self._p.drain()
         final = await self.read_reply(DATA_END_TIMEOUT)
@@ -360,3 +407,8 @@ class SmtpClient:
         self.broken = True
         if t is not None and not t.is_closing():
             t.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
