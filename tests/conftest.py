@@ -24,7 +24,7 @@ from postroom.app import App, ListenerSpec, TlsMode
 from postroom.auth.passwords import hash_password
 from postroom.auth.service import Authenticator
 from postroom.config import Config, ListenersConfig
-from postroom.net import tls
+from postroom.net import eventloop, tls
 from postroom.net.server import Listener
 from postroom.serve import HANDLERS, IMPLICIT_TLS, load_object
 from postroom.store.api import Account, Store
@@ -129,7 +129,7 @@ def server_factory(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Cal
                 cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
             else:
                 cfg = dataclasses.replace(cfg, **{section: values})
-        loop = asyncio.new_event_loop()
+        loop = eventloop.new_event_loop(cfg.net.event_loop)
         thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True)
         thread.start()
 

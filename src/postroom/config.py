@@ -23,6 +23,7 @@ from postroom.auth.limits import AuthConfig
 from postroom.delivery.limits import DeliveryConfig
 from postroom.errors import ConfigError
 from postroom.imap.limits import ImapConfig
+from postroom.net.eventloop import EVENT_LOOPS
 from postroom.net.limits import NetConfig
 from postroom.pop3.limits import Pop3Config
 from postroom.smtp.limits import SmtpConfig
@@ -185,6 +186,8 @@ def _validate(cfg: Config) -> None:
     for d in cfg.domains:
         if not d or "@" in d or " " in d:
             fail("domains", f"invalid domain {d!r}")
+    if cfg.net.event_loop not in EVENT_LOOPS:
+        fail("net.event_loop", f"must be one of {', '.join(EVENT_LOOPS)}")
     if cfg.delivery.tls_policy not in ("opportunistic", "require", "verify"):
         fail("delivery.tls_policy", "must be opportunistic, require or verify")
     if not (0 < cfg.delivery.smtp_port < 65536):

@@ -40,7 +40,7 @@ from postroom.app import App, Handler, ListenerSpec, TlsMode
 from postroom.auth.service import Authenticator
 from postroom.config import STANDARD_PORTS, Config, parse_hostport
 from postroom.errors import ConfigError, PostroomError
-from postroom.net import tls
+from postroom.net import eventloop, tls
 from postroom.net.server import Listener, bind_socket, shutdown
 from postroom.store.api import Store
 
@@ -338,7 +338,7 @@ def serve(cfg: Config) -> int:
     try:
         if workers == 1:
             print(banner(plan, notes), flush=True)
-            return asyncio.run(run_worker(plan, 0, socks))
+            return eventloop.run(run_worker(plan, 0, socks), cfg.net.event_loop)
         asyncio.run(_check_store(cfg))  # schema created once, errors shown once, before forking
         print(banner(plan, notes), flush=True)
         return _Supervisor(plan, socks).run()
@@ -407,7 +407,7 @@ class _Supervisor:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 for s in self.reserved:
                     s.close()
-                code = asyncio.run(run_worker(self.plan, index, None))
+                code = eventloop.run(run_worker(self.plan, index, None), self.plan.cfg.net.event_loop)
             except PostroomError as exc:
                 print(f"postroom: error: worker {index + 1}: {exc}", file=sys.stderr, flush=True)
             except KeyboardInterrupt:

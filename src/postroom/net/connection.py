@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any
+from typing import Any, cast
 
 
 class Connection(asyncio.Protocol):
@@ -42,14 +42,13 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.closed = asyncio.get_running_loop().create_future()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         self.local = (str(local[0]), int(local[1])) if local else ("", 0)
-        transport.set_write_buffer_limits(high=self.HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=self.HIGH_WATER)
         if transport.get_extra_info("ssl_object") is not None:
             self._note_tls(transport)
 
@@ -140,7 +139,6 @@ class Connection(asyncio.Protocol):
         )
         if new_transport is None:  # pragma: no cover - only when the transport closed meanwhile
             raise ConnectionError("connection closed during TLS handshake")
-        assert isinstance(new_transport, asyncio.Transport)
         self.transport = new_transport
         # No second clear here: from the handshake on, every byte comes decrypted through the TLS transport
         # (plaintext sent early is fed to the handshake and fails it). A fast client's first command may
