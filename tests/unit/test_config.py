@@ -113,6 +113,7 @@ shutdown_grace = 2.5
         ("[pop3]\nidle_timeout = 5", "RFC 1939"),
         ("[store]\nurl = 'mysql://x'", "store.url"),
         ("[delivery]\ntls_policy = 'sometimes'", "delivery.tls_policy"),
+        ("[net]\nevent_loop = 'twisted'", "net.event_loop: must be one of uvloop, asyncio"),
     ],
 )
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
