@@ -43,6 +43,10 @@ from postroom.errors import ConfigError
 from postroom.wire.address import AddressError, parse_mailbox
 
 FETCH_BATCH = 16  # built messages taken from the producer per thread hop
+# Messages marked "sending" ahead of their turn: a durable commit takes milliseconds (one fsync), so
+# marking each message only when its connection is ready caps a burst at concurrency / commit time
+# (~1,500 msg/s with 4 connections and a 2.8 ms fsync). 64 covers 10,000+ msg/s with such a disk.
+LOOKAHEAD = 64
 DAY = 86400.0  # seconds: providers' daily limits are rolling 24 hours
 
 EXIT_OK = 0
@@ -379,17 +383,26 @@ async def send_built(
     """Send every built message from ``source`` with ``snd``'s concurrency, recording each in the ledger.
 
     ``source`` is consumed in a thread (splitting and composing are CPU work that must not stall the
-    senders); a bounded queue keeps at most a few messages per connection waiting.
+    senders). Each message is reserved in the ledger (marked ``sending``, see
+    :meth:`LedgerWriter.reserve`) when it enters the bounded queue, so up to :data:`LOOKAHEAD` marks share
+    a commit while earlier messages are on the wire; its DATA still waits for its own mark, and the
+    journal's ``S`` line is written just before the first octet.
     """
     concurrency = snd.transport.limits.concurrency
-    queue: asyncio.Queue[Built | None] = asyncio.Queue(maxsize=concurrency * 4)
+    queue: asyncio.Queue[tuple[Built, asyncio.Future[None]] | None] = asyncio.Queue(maxsize=LOOKAHEAD)
     done = 0
 
     async def feed() -> None:
         while True:
             batch = await asyncio.to_thread(lambda: list(itertools.islice(source, FETCH_BATCH)))
             for built in batch:
-                await queue.put(built)
+                marked = lw.reserve(
+                    built.key,
+                    filename=built.filename,
+                    attachment_sha256=built.attachment_sha256,
+                    message_id=built.message_id,
+                )
+                await queue.put((built, marked))
             if not batch:
                 await queue.put(None)
                 return
@@ -401,7 +414,7 @@ async def send_built(
             if got is None:
                 await queue.put(None)
                 return
-            built = got
+            built, marked = got
             item = items[built.key]
             rcpts = (item.to_override,) if item.to_override else item.msg.tag.recipients
             env = Envelope(
@@ -410,17 +423,19 @@ async def send_built(
                 data=built.data,
                 smtputf8=not all(a.isascii() for a in (*rcpts, sender)),
             )
-            meta = {
-                "filename": built.filename,
-                "attachment_sha256": built.attachment_sha256,
-                "message_id": built.message_id,
-            }
+            tries = 0
 
-            async def mark_sending(key: str = built.key, meta: dict[str, str] = meta) -> None:
-                await lw.update(key, "sending", "", **meta)
+            async def mark_sending(key: str = built.key, marked: asyncio.Future[None] = marked) -> None:
+                nonlocal tries
+                tries += 1
+                if tries == 1:
+                    await marked
+                else:  # a retry: one more attempt on record
+                    await lw.update(key, "sending", "")
+                lw.started(key)
 
             outcome = await snd.send(env, mark_sending)
-            lw.update_soon(built.key, outcome.status, outcome.reply, **meta)
+            lw.update_soon(built.key, outcome.status, outcome.reply)
             done += 1
             progress(done)
 

@@ -16,13 +16,28 @@ Invariants:
   the same report gives the same rows on every run, whatever the templates say.
 - If a re-run plans a message whose pages already went to the same recipients under another key (the
   grouping was changed between runs), the new row is ``skipped``, never sent.
-- Writes are batched: concurrent senders' updates share one transaction (:class:`LedgerWriter`).
+- Writes are batched: concurrent senders' updates share one transaction (:class:`LedgerWriter`), and
+  the sender marks messages ``sending`` ahead of their turn (:meth:`LedgerWriter.reserve`) so that a
+  commit's fsync (milliseconds) is not waited for per message; DATA still waits until its own mark is
+  durable.
+- The send log (``ledger.sendlog`` beside ``ledger.sqlite``, :class:`Journal`) makes a crash cost no
+  more than the messages whose DATA was really in flight. It is appended with plain ``write()`` (no
+  fsync): ``R`` when a message is reserved, ``S`` just before its first DATA octet, ``D`` with its
+  outcome. A kill of the process loses nothing written (the page cache survives it); an OS crash may, so
+  the log is trusted only when its boot id is this boot's and its writer is no longer running. Then
+  :meth:`Ledger.prepare` puts a ``sending`` row back to ``planned`` when it was reserved and never
+  ``S``-started, applies a recorded outcome, and leaves only started-and-unanswered rows ``unknown``.
+  Otherwise every ``sending`` row becomes ``unknown`` as before. A missing or untrusted line can only
+  make the result more cautious: a row becomes resendable only through an ``R`` without ``S`` or a
+  recorded ``deferred``/``failed`` outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -49,6 +64,8 @@ CREATE TABLE IF NOT EXISTS message (
 );
 """
 RESENDABLE = ("planned", "deferred")
+_EXTRA_COLUMNS = ("filename", "attachment_sha256", "message_id")
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux; elsewhere the journal is never trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +116,19 @@ class Ledger:
         Returns the current row of every planned message, by key.
         """
         now = time.time()
+        settled = read_journal(journal_path(self.path), job)
         with self._tx():
+            if settled is not None:
+                never, outcomes = settled
+                self._db.executemany(
+                    "UPDATE message SET status='planned', attempts=max(attempts-1, 0), updated=?"
+                    " WHERE job=? AND key=? AND status='sending'",
+                    [(now, job, key) for key in never],
+                )
+                self._db.executemany(
+                    "UPDATE message SET status=?, reply=?, updated=? WHERE job=? AND key=? AND status='sending'",
+                    [(status, reply, now, job, key) for key, (status, reply) in outcomes.items()],
+                )
             self._db.execute(
                 "UPDATE message SET status='unknown', updated=? WHERE job=? AND status='sending'", (now, job)
             )
@@ -124,21 +153,34 @@ class Ledger:
                 self._db.execute("UPDATE message SET status='planned' WHERE job=? AND status='unknown'", (job,))
             if retry_failed:
                 self._db.execute("UPDATE message SET status='planned' WHERE job=? AND status='failed'", (job,))
+        with contextlib.suppress(FileNotFoundError):  # settled and committed: the journal has done its work
+            journal_path(self.path).unlink()
         rows = {r.key: r for r in self.rows(job)}
         return {m.key: rows[m.key] for m in messages}
 
     def update_many(self, job: str, updates: Iterable[tuple[str, str, str, dict[str, str]]]) -> None:
         """Apply ``(key, status, reply, extra columns)`` updates in one durable transaction."""
         now = time.time()
+        rows = [
+            (
+                status,
+                reply,
+                now,
+                *(extra.get(c) for c in _EXTRA_COLUMNS),
+                status == "sending",  # a "sending" mark counts an attempt
+                job,
+                key,
+            )
+            for key, status, reply, extra in updates
+        ]
         with self._tx():
-            for key, status, reply, extra in updates:
-                cols = "".join(f", {c}=?" for c in extra if c in ("filename", "attachment_sha256", "message_id"))
-                vals = [v for c, v in extra.items() if c in ("filename", "attachment_sha256", "message_id")]
-                bump = ", attempts=attempts+1" if status == "sending" else ""
-                self._db.execute(
-                    f"UPDATE message SET status=?, reply=?, updated=?{cols}{bump} WHERE job=? AND key=?",  # noqa: S608
-                    (status, reply, now, *vals, job, key),
-                )
+            # One prepared statement for the whole batch; a column not given keeps its value.
+            self._db.executemany(
+                "UPDATE message SET status=?, reply=?, updated=?, filename=coalesce(?, filename),"
+                " attachment_sha256=coalesce(?, attachment_sha256), message_id=coalesce(?, message_id),"
+                " attempts=attempts+? WHERE job=? AND key=?",
+                rows,
+            )
 
     def sent_since(self, since: float) -> tuple[int, int]:
         """(messages, recipients) accepted since ``since`` in any job: for providers' daily limits."""
@@ -151,6 +193,108 @@ class Ledger:
 
     def _tx(self) -> _Tx:
         return _Tx(self._db)
+
+
+def journal_path(ledger: Path) -> Path:
+    """``ledger.sqlite`` → ``ledger.sendlog`` (never ``-journal``: SQLite would take it for its own)."""
+    return ledger.with_name(ledger.stem + ".sendlog")
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier writer of this very process has closed (prepare runs before writing)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
+
+
+def read_journal(path: Path, job: str) -> tuple[set[str], dict[str, tuple[str, str]]] | None:
+    """What the journal proves for ``job``: (keys reserved but never started, recorded outcomes by key).
+
+    None when it cannot be trusted (absent, another boot, a writer still running, a line it cannot read):
+    then every ``sending`` row stays ``unknown``.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    boot = _boot_id()
+    reserved: set[str] = set()
+    started: set[str] = set()
+    outcomes: dict[str, tuple[str, str]] = {}
+    trusted = False
+    for line in text.split("\n")[:-1]:  # a journal ends with a newline; anything after the last is torn
+        kind, _, rest = line.partition("\t")
+        if kind == "B":  # B <boot id> <pid>: one per writer
+            fields = rest.split("\t")
+            if len(fields) != 2 or not boot or fields[0] != boot or not fields[1].isdigit() or _alive(int(fields[1])):
+                return None
+            trusted = True
+            continue
+        fields = rest.split("\t", 2)
+        if not trusted or len(fields) < 2 or kind not in ("R", "S", "D"):
+            return None
+        if fields[0] != job:
+            continue
+        key = fields[1]  # lines apply in order: a later reservation or start supersedes an older outcome
+        if kind == "R":
+            reserved.add(key)
+            started.discard(key)
+            outcomes.pop(key, None)
+        elif kind == "S":
+            started.add(key)
+            outcomes.pop(key, None)
+        else:
+            try:
+                status, reply = json.loads(fields[2])
+            except (IndexError, ValueError):
+                return None
+            if status not in ("sent", "failed", "deferred", "unknown"):
+                return None
+            outcomes[key] = (str(status), str(reply))
+    if text and not text.endswith("\n"):
+        return None
+    if not trusted:
+        return None
+    never = reserved - started - set(outcomes)
+    return never, outcomes
+
+
+class Journal:
+    """The append-only, non-fsynced journal of one writer (see the module docstring for what it proves)."""
+
+    def __init__(self, path: Path, job: str) -> None:
+        if "\t" in job or "\n" in job:
+            raise ValueError("job id with a tab or newline")
+        self.job = job
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._write(f"B\t{_boot_id()}\t{os.getpid()}\n")
+
+    def _write(self, line: str) -> None:
+        os.write(self._fd, line.encode("utf-8"))  # one write(): whole or absent after a kill
+
+    def reserved(self, key: str) -> None:
+        self._write(f"R\t{self.job}\t{key}\n")
+
+    def started(self, key: str) -> None:
+        self._write(f"S\t{self.job}\t{key}\n")
+
+    def outcome(self, key: str, status: str, reply: str) -> None:
+        self._write(f"D\t{self.job}\t{key}\t{json.dumps([status, reply])}\n")
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _Tx:
@@ -191,6 +335,7 @@ class LedgerWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._journal: Journal | None = None
 
     async def __aenter__(self) -> LedgerWriter:
         self._task = asyncio.create_task(self._run())
@@ -201,6 +346,35 @@ class LedgerWriter:
         self._closing = True
         self._wake.set()
         await self._task  # drains every pending update before it returns
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal(journal_path(self.ledger.path), self.job)
+        return self._journal
+
+    def reserve(self, key: str, **extra: str) -> asyncio.Future[None]:
+        """Mark ``key`` ``sending`` ahead of its turn; the future completes when that is durable.
+
+        The caller must await it before the message's DATA and call :meth:`started` right before the
+        first octet. A reserved message that never starts goes back to ``planned`` after a crash (when
+        the journal is trusted), so reserving ahead costs no duplicate and, normally, no ``unknown``.
+        """
+        if "\t" in key or "\n" in key:
+            raise ValueError("message key with a tab or newline")
+        self.journal.reserved(key)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        self._pending.append(((key, "sending", "", extra), fut))
+        self._wake.set()
+        return fut
+
+    def started(self, key: str) -> None:
+        """Journal that the first octet of ``key``'s message is about to be sent (after its durable mark)."""
+        self.journal.started(key)
 
     def update_soon(self, key: str, status: str, reply: str = "", **extra: str) -> None:
         """Record a final status without waiting for the commit (it rides with the next batch).
@@ -208,6 +382,8 @@ class LedgerWriter:
         For outcomes only: if the process dies first, the row stays ``sending`` and a re-run treats it as
         ``unknown`` (never resent), so a lost ``sent`` can cost a report line but never a duplicate.
         """
+        if self._journal is not None:  # a kill before the commit then still knows the outcome
+            self._journal.outcome(key, status, reply)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.exception())  # nobody awaits it; failures surface via update()
         self._pending.append(((key, status, reply, extra), fut))
