@@ -192,6 +192,8 @@ async def test_change_feed_in_process(store: Store) -> None:
 async def test_change_feed_across_processes(store: Store, store_url: str) -> None:
     mb = await _inbox(store)
     watch = store.watch(mb)
+    before = await store.changes_since(mb, 0)  # the reading connections have a snapshot before the commit
+    assert not before.changed
     code = textwrap.dedent(
         f"""
         import asyncio
@@ -208,6 +210,9 @@ async def test_change_feed_across_processes(store: Store, store_url: str) -> Non
     assert await proc.wait() == 0
     await asyncio.wait_for(watch.wait(), 5)
     assert len(await store.messages(mb)) == 1
+    after = await store.changes_since(mb, before.highestmodseq)  # a read made after the announcement sees it
+    assert [m.uid for m in after.changed] == [1]
+    assert await store.read(after.changed[0].blob_id) == MSG
 
 
 async def test_search_text(store: Store) -> None:
@@ -413,3 +418,46 @@ async def test_sqlite_schema_1_is_migrated(tmp_path: Path) -> None:
         assert await store.search_text(1, ["archived"]) == set()
     finally:
         await store.close()
+
+
+async def test_reads_of_every_size_agree(store: Store) -> None:
+    """Small messages are read on the event loop, larger ones and files on a reader thread: same bytes."""
+    mb = await _inbox(store)
+    line = b"y" * 998 + b"\r\n"
+    bodies = [
+        b"Subject: s\r\n\r\nsmall\r\n",
+        b"Subject: m\r\n\r\n" + line * 400,  # ~400 KB: stored in the table, read by a reader thread
+        b"Subject: l\r\n\r\n" + line * (INLINE_MAX // 1000 + 10),  # a file
+    ]
+    for raw in bodies:
+        await store.append(raw, [AppendTarget(mb)])
+    metas = await store.messages(mb)
+    for raw, meta in zip(bodies, metas, strict=True):
+        assert await store.read(meta.blob_id) == raw
+        assert await store.read_range(meta.blob_id, 0, 10) == raw[:10]
+        assert await store.read_range(meta.blob_id, len(raw) - 4, 100) == raw[-4:]
+        assert await store.read_range(meta.blob_id, len(raw) + 5, 10) == b""
+        assert await store.read_range(meta.blob_id, 3, 0) == b""
+        assert await store.read_range(meta.blob_id, 12, 50_000) == raw[12:50_012]
+    with pytest.raises(NotFoundError):
+        await store.read(10_000)
+    with pytest.raises(NotFoundError):
+        await store.read_range(10_000, 0, 1)
+
+
+async def test_changes_since_sees_every_commit(store: Store) -> None:
+    mb = await _inbox(store)
+    empty = await store.changes_since(mb, 0)
+    assert empty.exists and not empty.changed and not empty.expunged
+    await store.append(MSG, [AppendTarget(mb)])
+    await store.append(MSG, [AppendTarget(mb)])
+    first = await store.changes_since(mb, empty.highestmodseq)
+    assert [m.uid for m in first.changed] == [1, 2] and first.uidnext == 3
+    same = await store.changes_since(mb, first.highestmodseq)
+    assert not same.changed and not same.expunged and same.highestmodseq == first.highestmodseq
+    await store.set_flags(mb, [2], "add", ["\\Deleted"])
+    await store.expunge(mb)
+    after = await store.changes_since(mb, first.highestmodseq)
+    assert after.expunged == [2] and after.highestmodseq > first.highestmodseq
+    gone = await store.changes_since(12_345, 0)
+    assert not gone.exists

@@ -329,6 +329,11 @@ class ReaderPool:
     Invariants: a job runs on exactly one reader thread with that thread's connection; results reach the
     event loop through one ``call_soon_threadsafe`` per batch of finished jobs (not one per job), which
     halves the cost of a hop under concurrent sessions compared with ``run_in_executor``.
+
+    ``run(fn, inline=True)`` runs ``fn`` at once on the event-loop thread with the pool's own read-only
+    loop connection: for small primary-key reads (~10-30 µs), cheaper than the hop (~100-125 µs of CPU).
+    That connection never waits for a lock (``busy_timeout=0``): when SQLite reports the database busy
+    (rare in WAL mode, e.g. while another connection recovers the WAL) the job goes to a reader thread.
     """
 
     def __init__(self, path: Path, threads: int) -> None:
@@ -339,12 +344,17 @@ class ReaderPool:
         self._done: list[tuple[asyncio.Future[Any], bool, Any]] = []
         self._done_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_conn: sqlite3.Connection | None = None
         self._threads = [
             threading.Thread(target=self._run, name=f"postroom-store-read-{i}", daemon=True) for i in range(threads)
         ]
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        conn = connect(self._path)
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("PRAGMA busy_timeout=0")
+        self._loop_conn = conn
         for t in self._threads:
             t.start()
 
@@ -353,9 +363,20 @@ class ReaderPool:
             self._jobs.put(None)
         for t in self._threads:
             t.join(timeout=30)
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
 
-    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def run(self, fn: Callable[[sqlite3.Connection], Any], inline: bool = False) -> Any:
         assert self._loop is not None, "reader pool not started"
+        if inline and self._loop_conn is not None:
+            try:
+                return fn(self._loop_conn)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if self._loop_conn.in_transaction:
+                    self._loop_conn.execute("ROLLBACK")
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._jobs.put((fn, fut))
         return await fut
@@ -392,6 +413,11 @@ class ReaderPool:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, with any extended code (e.g. SQLITE_BUSY_RECOVERY)."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
