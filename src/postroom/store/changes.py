@@ -8,6 +8,10 @@ Invariants:
   ``run/``; after each commit the committing process sends one small datagram naming the changed
   mailbox and account ids to every other socket there. A lost datagram only delays a watcher until its
   next command (IMAP sessions also re-check on NOOP); sockets of dead processes are removed.
+- The list of other processes' sockets is kept in memory, not read from ``run/`` on every commit: a
+  process that starts sends a ``HELLO`` datagram to every socket it finds, and whoever receives any
+  datagram adds its sender; a send that finds no listener drops that peer. ``run/`` is listed again every
+  ``PEER_RESCAN`` seconds as a safety net, so a lost HELLO costs at most that long.
 - Mailbox id 0 is the outbound queue's channel.
 """
 
@@ -18,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +31,8 @@ from postroom.store.api import Watch
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 4096  # octets; larger change sets are split
+PEER_RESCAN = 10.0  # seconds between listings of run/ for other processes' sockets
+HELLO = b"HELLO"  # a new process introducing itself; carries no change
 
 
 class _HubWatch(Watch):
@@ -60,6 +67,8 @@ class ChangeHub:
         self._sock: socket.socket | None = None
         self._sock_path: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._peers: set[str] = set()  # other processes' socket paths
+        self._scanned = -PEER_RESCAN  # monotonic time of the last listing of run/
 
     # -- watches ----------------------------------------------------------------------------------
     def watch(self, kind: str, ident: int) -> Watch:
@@ -101,6 +110,7 @@ class ChangeHub:
         sock.setblocking(False)
         self._sock, self._sock_path = sock, path
         loop.add_reader(sock.fileno(), self._on_readable)
+        self._send_all([HELLO])
 
     def stop(self) -> None:
         if self._sock is not None:
@@ -118,28 +128,37 @@ class ChangeHub:
         assert self._sock is not None
         while True:
             try:
-                data = self._sock.recv(MAX_DATAGRAM)
+                data, sender = self._sock.recvfrom(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            if isinstance(sender, str) and sender:
+                self._peers.add(sender)
+            if data == HELLO:
+                continue
             mbs, accts = decode(data)
             self.notify(mbs, accts, broadcast=False)
 
     def _broadcast(self, mbs: set[int], accts: set[int]) -> None:
+        self._send_all(encode(mbs, accts))
+
+    def _send_all(self, payloads: list[bytes]) -> None:
         assert self._sock is not None and self._run_dir is not None
-        payloads = encode(mbs, accts)
-        try:
-            peers = [p for p in self._run_dir.iterdir() if p.name.endswith(".sock") and p != self._sock_path]
-        except OSError:
-            return
-        for peer in peers:
+        now = time.monotonic()
+        if now - self._scanned >= PEER_RESCAN:
+            self._scanned = now
+            with contextlib.suppress(OSError):
+                own = str(self._sock_path)
+                self._peers |= {str(p) for p in self._run_dir.iterdir() if p.name.endswith(".sock")} - {own}
+        for peer in list(self._peers):
             for payload in payloads:
                 try:
-                    self._sock.sendto(payload, str(peer))
+                    self._sock.sendto(payload, peer)
                 except (ConnectionRefusedError, FileNotFoundError):
+                    self._peers.discard(peer)
                     with contextlib.suppress(OSError):
-                        peer.unlink()  # a dead process's socket
+                        os.unlink(peer)  # a dead process's socket
                     break
                 except (BlockingIOError, OSError):
                     break  # the peer is slow to read; it re-checks on its next command
