@@ -110,12 +110,16 @@ class _Analyzer:
             self.texts.append(text)
             self.text_len += len(text)
 
-    def node(self, start: int, end: int, default_type: str, depth: int) -> dict[str, Any]:
-        """Analyse the entity in ``raw[start:end]`` (MIME header + body)."""
+    def node(
+        self, start: int, end: int, default_type: str, depth: int, fields: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """Analyse the entity in ``raw[start:end]`` (MIME header + body). ``fields``: its header fields when
+        the caller parsed them already (the top level)."""
         raw = self.raw
         self.parts += 1
         body_start = _header_end(raw, start, end)
-        fields = parse_fields(raw[start:body_start])
+        if fields is None:
+            fields = parse_fields(raw[start:body_start])
         first: dict[str, str] = {}
         for name, value in fields:
             first.setdefault(name, value)
@@ -202,7 +206,7 @@ def analyze(raw: bytes) -> dict[str, Any]:
     an.add_text(header_text)
     search_headers = "".join(an.texts)
     an.texts = []
-    body = an.node(0, len(raw), "text/plain", 0)
+    body = an.node(0, len(raw), "text/plain", 0, fields)
     first_date = next((v for n, v in fields if n == "date"), None)
     return {
         "v": STRUCTURE_VERSION,
