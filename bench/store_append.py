@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from postroom.net import eventloop
 from postroom.store.api import AppendTarget
 from postroom.store.sqlite import open_store
 
@@ -63,10 +64,11 @@ async def count_stored(directory: Path, mailbox_id: int) -> int:
 
 
 def postroom_process(
-    directory: Path, mailbox_id: int, writers: int, first: int, count: int, start_at: float, out: Any
+    directory: Path, mailbox_id: int, writers: int, first: int, count: int, start_at: float, out: Any, loop: str
 ) -> None:
-    """One worker process (as ``workers = N`` runs the server): its share of the writers."""
-    out.send(asyncio.run(run_postroom(directory, mailbox_id, writers, first, count, start_at)))
+    """One worker process (as ``workers = N`` runs the server, on the same event loop): its share of the
+    writers."""
+    out.send(eventloop.run(run_postroom(directory, mailbox_id, writers, first, count, start_at), loop))
 
 
 async def run_postroom(
@@ -91,7 +93,9 @@ async def run_postroom(
     return latencies, commits
 
 
-def run_postroom_processes(directory: Path, writers: int, total: int, processes: int) -> tuple[float, list[float], int]:
+def run_postroom_processes(
+    directory: Path, writers: int, total: int, processes: int, loop: str = eventloop.DEFAULT_EVENT_LOOP
+) -> tuple[float, list[float], int]:
     mailbox_id = asyncio.run(setup_store(directory))
     ctx = multiprocessing.get_context("fork")
     start_at = time.time() + 1.0
@@ -101,7 +105,7 @@ def run_postroom_processes(directory: Path, writers: int, total: int, processes:
         first = sum(total // processes + (1 if q < total % processes else 0) for q in range(p))
         w = writers // processes + (1 if p < writers % processes else 0)
         rx, tx = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=postroom_process, args=(directory, mailbox_id, w, first, share, start_at, tx))
+        proc = ctx.Process(target=postroom_process, args=(directory, mailbox_id, w, first, share, start_at, tx, loop))
         proc.start()
         procs.append(proc)
         pipes.append(rx)
@@ -166,17 +170,22 @@ def main() -> int:
     ap.add_argument(
         "--processes", type=int, default=os.cpu_count() or 1, help="store processes, as `workers` in the server"
     )
+    ap.add_argument(
+        "--loop", choices=eventloop.EVENT_LOOPS, default=eventloop.DEFAULT_EVENT_LOOP, help="the processes' event loop"
+    )
     ap.add_argument("--quick", action="store_true", help="a few seconds: 1,000 messages")
     args = ap.parse_args()
     total = 1000 if args.quick else args.messages
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         root = Path(tmp)
-        p_elapsed, p_lat, commits = run_postroom_processes(root / "postroom", args.writers, total, args.processes)
+        p_elapsed, p_lat, commits = run_postroom_processes(
+            root / "postroom", args.writers, total, args.processes, args.loop
+        )
         m_elapsed, m_lat = run_maildir(root / "maildir", args.writers, total)
     p_rate, m_rate = total / p_elapsed, total / m_elapsed
     print(
         f"durable appends of ~5 KB, {args.writers} concurrent writers, {total} messages,"
-        f" postroom in {args.processes} process(es)"
+        f" postroom in {args.processes} process(es) on {args.loop}"
     )
     print(f"{'':10} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'postroom':10} {p_rate:9.0f} {pct(p_lat, 0.5):8.2f} {pct(p_lat, 0.99):8.2f}   ({commits} commits)")
