@@ -73,12 +73,13 @@ def postroom_process(
 
 async def run_postroom(
     directory: Path, mailbox_id: int, writers: int, first: int, count: int, start_at: float
-) -> tuple[list[float], int]:
+) -> tuple[list[float], int, float]:
     store = open_store(f"sqlite:///{directory}")
     await store.open()
     latencies: list[float] = []
     counter = iter(range(first, first + count))
     await asyncio.sleep(max(0.0, start_at - time.time()))
+    cpu0 = time.process_time()
 
     async def writer() -> None:
         for i in counter:
@@ -88,14 +89,15 @@ async def run_postroom(
             latencies.append(time.perf_counter() - t0)
 
     await asyncio.gather(*[writer() for _ in range(writers)])
+    cpu = time.process_time() - cpu0  # every thread of this process: the loop, the writer, the readers
     commits = getattr(getattr(store, "_writer", None), "commits", 0)
     await store.close()
-    return latencies, commits
+    return latencies, commits, cpu
 
 
 def run_postroom_processes(
     directory: Path, writers: int, total: int, processes: int, loop: str = eventloop.DEFAULT_EVENT_LOOP
-) -> tuple[float, list[float], int]:
+) -> tuple[float, list[float], int, float]:
     mailbox_id = asyncio.run(setup_store(directory))
     ctx = multiprocessing.get_context("fork")
     start_at = time.time() + 1.0
@@ -111,16 +113,18 @@ def run_postroom_processes(
         pipes.append(rx)
     latencies: list[float] = []
     commits = 0
+    cpu = 0.0
     for rx in pipes:
-        lat, c = rx.recv()
+        lat, c, used = rx.recv()
         latencies.extend(lat)
         commits += c
+        cpu += used
     elapsed = time.time() - start_at
     for proc in procs:
         proc.join()
     stored = asyncio.run(count_stored(directory, mailbox_id))
     assert stored == total, (stored, total)
-    return elapsed, latencies, commits
+    return elapsed, latencies, commits, cpu
 
 
 def run_maildir(directory: Path, writers: int, total: int) -> tuple[float, list[float]]:
@@ -178,7 +182,7 @@ def main() -> int:
     total = 1000 if args.quick else args.messages
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         root = Path(tmp)
-        p_elapsed, p_lat, commits = run_postroom_processes(
+        p_elapsed, p_lat, commits, p_cpu = run_postroom_processes(
             root / "postroom", args.writers, total, args.processes, args.loop
         )
         m_elapsed, m_lat = run_maildir(root / "maildir", args.writers, total)
@@ -188,7 +192,10 @@ def main() -> int:
         f" postroom in {args.processes} process(es) on {args.loop}"
     )
     print(f"{'':10} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"{'postroom':10} {p_rate:9.0f} {pct(p_lat, 0.5):8.2f} {pct(p_lat, 0.99):8.2f}   ({commits} commits)")
+    print(
+        f"{'postroom':10} {p_rate:9.0f} {pct(p_lat, 0.5):8.2f} {pct(p_lat, 0.99):8.2f}   ({commits} commits,"
+        f" {p_cpu / total * 1e6:.0f} µs CPU per append in the store processes)"
+    )
     print(f"{'maildir':10} {m_rate:9.0f} {pct(m_lat, 0.5):8.2f} {pct(m_lat, 0.99):8.2f}")
     print(f"ratio postroom/maildir: {p_rate / m_rate:.2f}x (median latency {statistics.median(p_lat) * 1000:.2f} ms)")
     return 0
