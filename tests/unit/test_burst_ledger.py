@@ -128,7 +128,7 @@ def test_reserved_but_never_started_goes_back_to_planned_after_a_kill(tmp_path: 
 
 def test_untrusted_journal_leaves_every_sending_row_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     msgs = plan(A, B)
-    for case in ("other boot", "writer alive", "torn line"):
+    for case in ("other boot", "writer alive", "unreadable line", "torn last line"):
         led = Ledger(tmp_path / case / "ledger.sqlite")
         led.prepare("job", msgs)
 
@@ -141,10 +141,14 @@ def test_untrusted_journal_leaves_every_sending_row_unknown(tmp_path: Path, monk
             log.write_text(log.read_text().replace(ledger_mod._boot_id(), "another-boot"))
         elif case == "writer alive":  # another burst still runs on this ledger
             monkeypatch.setattr(ledger_mod, "_alive", lambda pid: True)
-        else:
+        elif case == "unreadable line":
+            with log.open("a") as f:
+                f.write("S\tjob\n")
+        else:  # killed in the middle of storing an S line: its DATA had not begun
             with log.open("a") as f:
                 f.write("S\tjob\t" + msgs[0].key[:5])
         rows = led.prepare("job", msgs)
-        assert [rows[m.key].status for m in msgs] == ["unknown", "unknown"], case
+        expected = ["planned", "planned"] if case == "torn last line" else ["unknown", "unknown"]
+        assert [rows[m.key].status for m in msgs] == expected, case
         monkeypatch.undo()
         led.close()

@@ -38,7 +38,16 @@ from postroom.burst.ledger import RESENDABLE, Ledger, LedgerWriter, Row
 from postroom.burst.plan import Plan, PlannedMessage, Problem, make_plan
 from postroom.burst.produce import Built, Item, produce
 from postroom.burst.report import ProgressView, write_reports
-from postroom.burst.transport import Envelope, Sender, SessionError, Transport, open_session, parse_transport
+from postroom.burst.transport import (
+    Envelope,
+    Outcome,
+    Sender,
+    SessionError,
+    Transport,
+    Work,
+    open_session,
+    parse_transport,
+)
 from postroom.errors import ConfigError
 from postroom.wire.address import AddressError, parse_mailbox
 
@@ -388,7 +397,6 @@ async def send_built(
     a commit while earlier messages are on the wire; its DATA still waits for its own mark, and the
     journal's ``S`` line is written just before the first octet.
     """
-    concurrency = snd.transport.limits.concurrency
     queue: asyncio.Queue[tuple[Built, asyncio.Future[None]] | None] = asyncio.Queue(maxsize=LOOKAHEAD)
     done = 0
 
@@ -407,39 +415,52 @@ async def send_built(
                 await queue.put(None)
                 return
 
-    async def worker() -> None:
-        nonlocal done
-        while True:
-            got = await queue.get()
-            if got is None:
-                await queue.put(None)
-                return
-            built, marked = got
-            item = items[built.key]
-            rcpts = (item.to_override,) if item.to_override else item.msg.tag.recipients
-            env = Envelope(
-                sender=_address_of(item.rendered.sender) or sender,
-                recipients=rcpts,
-                data=built.data,
-                smtputf8=not all(a.isascii() for a in (*rcpts, sender)),
-            )
-            tries = 0
+    def work(built: Built, marked: asyncio.Future[None]) -> Work:
+        item = items[built.key]
+        rcpts = (item.to_override,) if item.to_override else item.msg.tag.recipients
+        env = Envelope(
+            sender=_address_of(item.rendered.sender) or sender,
+            recipients=rcpts,
+            data=built.data,
+            smtputf8=not all(a.isascii() for a in (*rcpts, sender)),
+        )
+        key = built.key
+        tries = 0
 
-            async def mark_sending(key: str = built.key, marked: asyncio.Future[None] = marked) -> None:
-                nonlocal tries
-                tries += 1
-                if tries == 1:
-                    await marked
-                else:  # a retry: one more attempt on record
-                    await lw.update(key, "sending", "")
-                lw.started(key)
+        async def mark_sending() -> None:
+            nonlocal tries
+            tries += 1
+            if tries == 1:
+                await marked
+            else:  # a retry: one more attempt on record
+                await lw.update(key, "sending", "")
+            lw.started(key)
 
-            outcome = await snd.send(env, mark_sending)
-            lw.update_soon(built.key, outcome.status, outcome.reply)
+        def finished(outcome: Outcome) -> None:
+            nonlocal done
+            lw.update_soon(key, outcome.status, outcome.reply)
             done += 1
             progress(done)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)), feed())
+        return Work(env, mark_sending, finished)
+
+    async def take() -> Work | None:
+        got = await queue.get()
+        if got is None:
+            queue.put_nowait(None)  # for the other connections (a get just made room)
+            return None
+        return work(*got)
+
+    def poll() -> Work | None:
+        if queue.empty():
+            return None
+        got = queue.get_nowait()
+        if got is None:
+            queue.put_nowait(None)
+            return None
+        return work(*got)
+
+    await asyncio.gather(snd.run(take, poll), feed())
 
 
 async def _send_drafts(

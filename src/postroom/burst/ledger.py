@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 import sqlite3
 import time
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS message (
 """
 RESENDABLE = ("planned", "deferred")
 _EXTRA_COLUMNS = ("filename", "attachment_sha256", "message_id")
+JOURNAL_CHUNK = 1 << 20  # bytes the send log grows by (~15,000 lines)
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux; elsewhere the journal is never trusted
 
 
@@ -226,15 +228,21 @@ def read_journal(path: Path, job: str) -> tuple[set[str], dict[str, tuple[str, s
     then every ``sending`` row stays ``unknown``.
     """
     try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    end = raw.find(b"\0")  # the unused, zero-filled rest of the map
+    raw = raw[: raw.rfind(b"\n", 0, len(raw) if end < 0 else end) + 1]  # a torn last line is ignored
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
         return None
     boot = _boot_id()
     reserved: set[str] = set()
     started: set[str] = set()
     outcomes: dict[str, tuple[str, str]] = {}
     trusted = False
-    for line in text.split("\n")[:-1]:  # a journal ends with a newline; anything after the last is torn
+    for line in text.split("\n")[:-1]:
         kind, _, rest = line.partition("\t")
         if kind == "B":  # B <boot id> <pid>: one per writer
             fields = rest.split("\t")
@@ -242,7 +250,7 @@ def read_journal(path: Path, job: str) -> tuple[set[str], dict[str, tuple[str, s
                 return None
             trusted = True
             continue
-        fields = rest.split("\t", 2)
+        fields = rest.split("\t", 3)  # job, key[, status, reply]
         if not trusted or len(fields) < 2 or kind not in ("R", "S", "D"):
             return None
         if fields[0] != job:
@@ -256,15 +264,9 @@ def read_journal(path: Path, job: str) -> tuple[set[str], dict[str, tuple[str, s
             started.add(key)
             outcomes.pop(key, None)
         else:
-            try:
-                status, reply = json.loads(fields[2])
-            except (IndexError, ValueError):
+            if len(fields) != 4 or fields[2] not in ("sent", "failed", "deferred", "unknown"):
                 return None
-            if status not in ("sent", "failed", "deferred", "unknown"):
-                return None
-            outcomes[key] = (str(status), str(reply))
-    if text and not text.endswith("\n"):
-        return None
+            outcomes[key] = (fields[2], fields[3])
     if not trusted:
         return None
     never = reserved - started - set(outcomes)
@@ -272,28 +274,63 @@ def read_journal(path: Path, job: str) -> tuple[set[str], dict[str, tuple[str, s
 
 
 class Journal:
-    """The append-only, non-fsynced journal of one writer (see the module docstring for what it proves)."""
+    """The send log of one writer, never fsynced (see the module docstring for what it proves).
+
+    Lines are stored into a shared memory map of the file: the page cache is the file, so a line is in
+    it as soon as the store returns, a process kill loses nothing stored, and a message costs no system
+    call for its log lines (a ``write()`` per line cost ~15 us of the ~150 us a message takes). A kill in
+    the middle of a store leaves at most the last line torn; readers ignore that line, which is safe for
+    each kind: a torn ``S`` means DATA had not begun, a missing ``R`` or ``D`` only adds caution.
+    """
 
     def __init__(self, path: Path, job: str) -> None:
         if "\t" in job or "\n" in job:
             raise ValueError("job id with a tab or newline")
         self.job = job
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._write(f"B\t{_boot_id()}\t{os.getpid()}\n")
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        old = os.read(self._fd, os.fstat(self._fd).st_size or 1)
+        end = old.find(b"\0")
+        self._pos = len(old) if end < 0 else end
+        self._size = 0
+        self._map: mmap.mmap | None = None
+        self._grow(0)
+        if self._pos and self._map is not None and self._map[self._pos - 1 : self._pos] != b"\n":
+            self._store(b"\n")  # an earlier writer's torn last line stays a line of its own (then unreadable)
+        self._store(f"B\t{_boot_id()}\t{os.getpid()}\n".encode())
 
-    def _write(self, line: str) -> None:
-        os.write(self._fd, line.encode("utf-8"))  # one write(): whole or absent after a kill
+    def _grow(self, need: int) -> None:
+        size = ((self._pos + need) // JOURNAL_CHUNK + 1) * JOURNAL_CHUNK
+        if size <= self._size:
+            return
+        if self._map is not None:
+            self._map.close()
+        os.ftruncate(self._fd, size)
+        self._map = mmap.mmap(self._fd, size)
+        self._size = size
+
+    def _store(self, line: bytes) -> None:
+        if self._pos + len(line) > self._size:
+            self._grow(len(line))
+        assert self._map is not None
+        self._map[self._pos : self._pos + len(line)] = line
+        self._pos += len(line)
 
     def reserved(self, key: str) -> None:
-        self._write(f"R\t{self.job}\t{key}\n")
+        self._store(f"R\t{self.job}\t{key}\n".encode())
 
     def started(self, key: str) -> None:
-        self._write(f"S\t{self.job}\t{key}\n")
+        """In the file when this returns: the caller sends the message's first octet next."""
+        self._store(f"S\t{self.job}\t{key}\n".encode())
 
     def outcome(self, key: str, status: str, reply: str) -> None:
-        self._write(f"D\t{self.job}\t{key}\t{json.dumps([status, reply])}\n")
+        reply = reply.replace("\t", " ").replace("\n", " ").replace("\r", " ")
+        self._store(f"D\t{self.job}\t{key}\t{status}\t{reply}\n".encode())
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+            os.ftruncate(self._fd, self._pos)
         os.close(self._fd)
 
 

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from postroom.delivery.client import Rcpt, SmtpClient
+from postroom.delivery.client import Head, Rcpt, SmtpClient
 from postroom.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,36 @@ class Envelope:
     smtputf8: bool = False
 
 
+@dataclass(slots=True)
+class Work:
+    """One message for :meth:`Sender.run`: the envelope, its durable mark, and where its outcome goes."""
+
+    env: Envelope
+    on_sending: OnSending
+    done: Callable[[Outcome], None]
+
+
+Take = Callable[[], Awaitable[Work | None]]  # the next message, waiting for one; None: no more
+Poll = Callable[[], Work | None]  # the next message if one is ready now, else None
+
+
+@dataclass(slots=True)
+class _Line:
+    """One connection loop's state: its session, messages sent on it, and a message already begun."""
+
+    client: SmtpClient | None = None
+    used: int = 0
+    carried: tuple[Work, Head | None] | None = None
+
+
 class Sender:
-    """Sends envelopes over a small pool of reused connections, pacing to the provider's limits."""
+    """Sends envelopes over up to ``concurrency`` reused connections, pacing to the provider's limits.
+
+    :meth:`run` gives each connection its own loop that takes one message at a time. When another
+    message is already waiting as one is written, its MAIL/RCPT/DATA group goes out in the same write
+    (one round trip and one system call per message instead of two); it is still one transaction at a
+    time, and that next message's own mark is awaited at its own ``354``.
+    """
 
     def __init__(
         self,
@@ -310,15 +338,15 @@ class Sender:
         self.password = password
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
-        self._idle: list[tuple[SmtpClient, int]] = []
-        self._slots = asyncio.Semaphore(transport.limits.concurrency)
+        self._lines: list[_Line] = []
         self._pace_lock = asyncio.Lock()
         self._next_start = 0.0
         self._quitting: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        await asyncio.gather(*(client.quit() for client, _ in idle), *self._quitting)
+        clients = [line.client for line in self._lines if line.client is not None]
+        self._lines = []
+        await asyncio.gather(*(c.quit() for c in clients), *self._quitting)
 
     async def _pace(self) -> None:
         per_minute = self.transport.limits.messages_per_minute
@@ -331,37 +359,103 @@ class Sender:
         if wait > 0:
             await asyncio.sleep(wait)
 
+    async def run(self, take: Take, poll: Poll) -> None:
+        """Deliver every message ``take`` gives until it gives None; each outcome goes to its ``done``.
+        Never raises for SMTP or network trouble (a failing ``on_sending`` does raise)."""
+        lines = [_Line() for _ in range(self.transport.limits.concurrency)]
+        self._lines.extend(lines)
+        await asyncio.gather(*(self._loop(line, take, poll) for line in lines))
+
     async def send(self, env: Envelope, on_sending: OnSending) -> Outcome:
-        """Deliver one envelope with retries; never raises for SMTP or network trouble."""
-        async with self._slots:
+        """Deliver one envelope with retries on a connection of its own (the CLI's bulk path is :meth:`run`)."""
+        got: list[Outcome] = []
+        works = [Work(env, on_sending, got.append)]
+
+        async def take() -> Work | None:
+            return works.pop() if works else None
+
+        line = _Line()
+        self._lines.append(line)
+        await self._loop(line, take, lambda: None)
+        return got[0]
+
+    async def _loop(self, line: _Line, take: Take, poll: Poll) -> None:
+        while True:
+            if line.carried is not None:
+                work, head = line.carried
+                line.carried = None
+            else:
+                got = await take()
+                if got is None:
+                    return
+                work, head = got, None
             attempt = 0
             while True:
                 attempt += 1
-                outcome = await self._attempt(env, on_sending)
+                outcome = await self._attempt(line, work, head, poll)
+                head = None
                 if outcome.status != "deferred" or attempt >= self.max_attempts:
-                    return outcome
+                    break
                 if outcome.retry_now:
                     attempt -= 1
                     continue
                 delay = min(BACKOFF_MAX, self.backoff_base * 2 ** (attempt - 1))
                 log.info("deferred (%s); retry %d in %.1fs", outcome.reply, attempt + 1, delay)
                 await asyncio.sleep(delay)
+            work.done(outcome)
 
-    async def _attempt(self, env: Envelope, on_sending: OnSending) -> Outcome:
-        if self.transport.limits.messages_per_minute:
+    async def _attempt(self, line: _Line, work: Work, head: Head | None, poll: Poll) -> Outcome:
+        env = work.env
+        paced = bool(self.transport.limits.messages_per_minute)
+        if paced:
             await self._pace()
-        if self._idle:
-            client, used = self._idle.pop()
-        else:
+        client = line.client
+        if client is None or not client.usable:
+            if client is not None:
+                client.close()
+            head = None
             try:
-                client, used = await open_session(self.transport, self.password), 0
+                client = line.client = await open_session(self.transport, self.password)
             except SessionError as exc:
+                line.client = None
                 if exc.stage == "auth" and 500 <= exc.code < 600:
                     return Outcome("failed", f"{exc.code} {exc.detail}")
                 return Outcome("deferred", f"{exc.stage}: {exc.detail}")
+            line.used = 0
+        reused = line.used > 0
         if env.smtputf8 and not client.ext.has("SMTPUTF8"):
-            self._release(client, used)
             return Outcome("failed", "the server does not support SMTPUTF8 (RFC 6531) for these addresses")
+
+        def then() -> bytes:
+            """The next waiting message's command group, to follow this message in the same write."""
+            if paced or line.used + 1 >= MESSAGES_PER_CONNECTION:
+                return b""
+            if line.carried is not None:  # waiting since its commands were lost with a connection
+                nxt = line.carried[0]
+            else:
+                polled = poll()
+                if polled is None:
+                    return b""
+                nxt = polled
+            line.carried = (nxt, None)
+            if nxt.env.smtputf8 and not client.ext.has("SMTPUTF8"):
+                return b""
+            try:
+                h = client.head(
+                    nxt.env.sender,
+                    [Rcpt(a) for a in nxt.env.recipients],
+                    nxt.env.data,
+                    eight_bit=not nxt.env.data.isascii(),
+                    smtputf8=nxt.env.smtputf8,
+                    all_or_nothing=True,
+                )
+            except LocalProtocolError:
+                return b""  # it fails on its own turn, with the reason
+            if h is None:
+                return b""
+            line.carried = (nxt, h)
+            return h.data
+
         try:
             result = await client.transaction(
                 env.sender,
@@ -370,37 +464,52 @@ class Sender:
                 eight_bit=not env.data.isascii(),
                 smtputf8=env.smtputf8,
                 all_or_nothing=True,
-                before_data=on_sending,
+                before_data=work.on_sending,
+                sent_head=head,
+                then=then,
             )
         except LocalProtocolError as exc:  # an address that cannot go on the wire (the plan validated them)
-            self._release(client, used)
             return Outcome("failed", f"not sent: {exc}")
         except _NETWORK_ERRORS as exc:
-            client.close()
+            self._drop(line)
             if client.data_started:
                 return Outcome("unknown", f"connection lost during DATA; the server may have accepted it ({exc!r})")
-            return Outcome("deferred", f"connection lost before DATA: {exc!r}", retry_now=used > 0)
+            return Outcome("deferred", f"connection lost before DATA: {exc!r}", retry_now=reused)
         except BaseException:  # cancelled (Ctrl-C) or the ledger failed: never reuse a connection mid-transaction
-            client.close()
+            self._drop(line)
             raise
         if result.data is not None and result.data.positive:
-            self._release(client, used + 1)
+            line.used += 1
+            self._recycle(line)
             return Outcome("sent", str(result.data))
         # The first refusal decides: MAIL, a RCPT, DATA's 354 or the final reply (the client sent RSET).
         refused = next((r for r in (result.mail, *result.rcpts) if not r.positive), result.data)
         assert refused is not None
-        if refused.code == 421:  # RFC 5321 §3.8: the server is closing the connection
-            client.close()
+        if refused.code == 421 or (refused.transient and line.carried is not None and line.carried[1] is not None):
+            # 421: the server is closing (RFC 5321 §3.8). A 4xx to be retried while the next message's
+            # commands are on the wire: that one cannot be taken back, so the connection goes.
+            self._drop(line)
         else:
-            self._release(client, used)
+            self._recycle(line)
         return Outcome("failed" if refused.permanent else "deferred", str(refused))
 
-    def _release(self, client: SmtpClient, used: int) -> None:
-        if used >= MESSAGES_PER_CONNECTION and client.usable:
+    def _drop(self, line: _Line) -> None:
+        """Close the connection; a message whose commands went out on it starts over on the next."""
+        if line.client is not None:
+            line.client.close()
+            line.client = None
+        if line.carried is not None:
+            line.carried = (line.carried[0], None)
+
+    def _recycle(self, line: _Line) -> None:
+        """After a transaction: keep the connection, or end it politely after MESSAGES_PER_CONNECTION."""
+        client = line.client
+        if client is None:
+            return
+        if not client.usable:
+            self._drop(line)
+        elif line.used >= MESSAGES_PER_CONNECTION:  # then() never pipelines into this one
             task = asyncio.get_running_loop().create_task(client.quit())
             self._quitting.add(task)
             task.add_done_callback(self._quitting.discard)
-        elif not client.usable:
-            client.close()
-        else:
-            self._idle.append((client, used))
+            line.client = None

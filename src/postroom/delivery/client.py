@@ -11,7 +11,9 @@ Invariants:
   a ``354``. Without PIPELINING each command waits for its reply. With ``all_or_nothing`` (the burst sender)
   a transaction of several recipients sends DATA only after every RCPT was accepted, so no recipient gets a
   message another was refused; ``before_data`` is awaited after the ``354`` and before the first octet of
-  the message, and :attr:`SmtpClient.data_started` says whether any octet of it may have left.
+  the message, and :attr:`SmtpClient.data_started` says whether any octet of it may have left. ``then``
+  lets the next transaction's command group (:meth:`SmtpClient.head`) ride in the same write as this one's
+  message (RFC 2920 §3.1: message content may start a group); still one transaction at a time.
 - No method swallows :class:`asyncio.CancelledError`; a broken connection raises :class:`ConnectionError`,
   :class:`TimeoutError` or :class:`RemoteProtocolError`, and the caller closes it.
 """
@@ -25,7 +27,6 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from postroom.delivery import wire
 from postroom.delivery.wire import Extensions, Reply
@@ -66,6 +67,14 @@ class TransactionResult:
         return self.data
 
 
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A transaction's whole command group for one pipelined write: MAIL, every RCPT, DATA."""
+
+    data: bytes
+    rcpts: int
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.parser = wire.ReplyParser()
@@ -79,7 +88,8 @@ class _Protocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.drop_plaintext:
@@ -157,7 +167,7 @@ class SmtpClient:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         async with asyncio.timeout(connect_timeout):
-            _transport, proto = await loop.create_connection(
+            transport, proto = await loop.create_connection(
                 _Protocol,
                 host=address,
                 port=port,
@@ -165,6 +175,7 @@ class SmtpClient:
                 ssl=tls,
                 server_hostname=server_hostname if tls is not None else None,
             )
+        assert isinstance(transport, asyncio.Transport)
         client = cls(proto, (address, port), command_timeout)
         if tls is not None:
             client._note_tls()
@@ -254,6 +265,7 @@ class SmtpClient:
         )
         if new is None:  # pragma: no cover - the transport closed meanwhile
             raise ConnectionError("connection closed during the TLS handshake")
+        assert isinstance(new, asyncio.Transport)
         p.transport = new
         if p.dropped:
             log.warning("%s sent %d plaintext octets during STARTTLS; discarded", self.peer[0], p.dropped)
@@ -288,6 +300,26 @@ class SmtpClient:
         return reply
 
     # -- transactions ---------------------------------------------------------------------------
+    def head(
+        self,
+        sender: str,
+        rcpts: Sequence[Rcpt],
+        message: bytes,
+        *,
+        eight_bit: bool,
+        smtputf8: bool,
+        all_or_nothing: bool = False,
+    ) -> Head | None:
+        """The command group of a transaction that goes in one write, or None when it cannot (no
+        PIPELINING, or all-or-nothing with several recipients). Raises LocalProtocolError like
+        :meth:`transaction` for an address that cannot go on the wire."""
+        ext = self.ext
+        if not ext.has("PIPELINING") or (all_or_nothing and len(rcpts) > 1):
+            return None
+        mail = wire.mail_command(sender, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8)
+        lines = [wire.rcpt_command(r.address, ext, smtputf8=smtputf8) for r in rcpts]
+        return Head(mail + b"".join(lines) + b"DATA\r\n", len(lines))
+
     async def transaction(
         self,
         sender: str,
@@ -300,22 +332,33 @@ class SmtpClient:
         envid: str = "",
         all_or_nothing: bool = False,
         before_data: Callable[[], Awaitable[None]] | None = None,
+        sent_head: Head | None = None,
+        then: Callable[[], bytes] | None = None,
     ) -> TransactionResult:
         """One mail transaction. Commands are encoded (and addresses checked) before anything is written.
 
         ``all_or_nothing``: the message goes only when every recipient was accepted (else RSET, ``data`` None).
         ``before_data`` runs after the ``354`` and before any octet of the message; if it raises, the
         connection is closed without the final dot (the peer discards the transaction) and the error rises.
+        ``sent_head``: this transaction's :meth:`head` already went out (with the previous message).
+        ``then``: called right before the message is written; what it returns is written right after it.
         """
         ext = self.ext
         self.data_started = False
+        if sent_head is not None:
+            self.transactions += 1
+            mail_reply = await self.read_reply()
+            rcpt_replies = tuple([await self.read_reply() for _ in range(sent_head.rcpts)])
+            data_reply = await self.read_reply(DATA_INIT_TIMEOUT)
+            return await self._after_data_command(
+                mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then
+            )
         mail = wire.mail_command(
             sender, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8, ret=ret, envid=envid
         )
         rcpt_lines = [
             wire.rcpt_command(r.address, ext, smtputf8=smtputf8, notify=r.notify, orcpt=r.orcpt) for r in rcpts
         ]
-        payload = wire.data_payload(message)
         self.transactions += 1
         if all_or_nothing and len(rcpt_lines) > 1 and ext.has("PIPELINING"):
             # DATA waits for the RCPT replies: a 354 after a refusal would leave only "." or a dropped
@@ -343,8 +386,22 @@ class SmtpClient:
                 await self.rset()
                 return TransactionResult(mail_reply, rcpt_replies, None)
             data_reply = await self.command(b"DATA\r\n", DATA_INIT_TIMEOUT)
+        return await self._after_data_command(
+            mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then
+        )
+
+    async def _after_data_command(
+        self,
+        mail_reply: Reply,
+        rcpt_replies: tuple[Reply, ...],
+        data_reply: Reply,
+        message: bytes,
+        all_or_nothing: bool,
+        before_data: Callable[[], Awaitable[None]] | None,
+        then: Callable[[], bytes] | None,
+    ) -> TransactionResult:
         if not mail_reply.positive:
-            rcpt_replies = tuple(mail_reply for _ in rcpts)
+            rcpt_replies = tuple(mail_reply for _ in rcpt_replies)
         if data_reply.code != 354:
             if data_reply.positive:  # a broken peer said 2xx to DATA: the session state is unknown
                 self.broken = True
@@ -367,8 +424,12 @@ class SmtpClient:
             except BaseException:
                 self.close()  # no final dot: the peer discards the transaction (RFC 5321 §4.1.1.4)
                 raise
+        payload = wire.data_payload(message)
         self.data_started = True
-        self._write(payload, shown=f"[message, {len(payload)} octets]")
+        following = then() if then is not None else b""
+        self._write(
+            payload + following, shown=f"[message, {len(payload)} octets]" + (" + next MAIL" if following else "")
+        )
         await self._p.drain()
         final = await self.read_reply(DATA_END_TIMEOUT)
         return TransactionResult(mail_reply, rcpt_replies, final)

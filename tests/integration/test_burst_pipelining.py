@@ -1,0 +1,180 @@
+"""The burst sender against a PIPELINING server on 127.0.0.1:0 (aiosmtpd offers no PIPELINING).
+
+What the pipelined path must keep: every message exactly once, the next message's commands riding with
+the previous message without mixing transactions up, a 4xx to the final dot retried (the connection
+carrying the next message's commands is dropped and that message starts over), all-or-nothing for a
+message with several recipients, and no octet of a message on the wire before its mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from postroom.burst.transport import Envelope, Outcome, Sender, Work, parse_transport
+from postroom.delivery.client import SmtpClient, TransactionResult
+
+
+@dataclass
+class PipeliningMX:
+    """Reads commands as they come (so pipelined groups work) and records what it accepted."""
+
+    rcpt_reply: Callable[[str], bytes] = lambda _a: b"250 2.1.5 ok"
+    final_reply: Callable[[bytes], bytes] = lambda _m: b"250 2.0.0 queued"
+    received: list[tuple[tuple[str, ...], bytes]] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 mx.test ESMTP\r\n")
+        rcpts: list[str] = []
+        ok = False
+        try:
+            while line := await reader.readline():
+                self.lines.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-mx.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif verb == b"MAIL":
+                    rcpts, ok = [], True
+                    writer.write(b"250 2.1.0 ok\r\n")
+                elif verb == b"RCPT":
+                    addr = line.decode().split("<", 1)[1].split(">", 1)[0]
+                    reply = self.rcpt_reply(addr)
+                    if reply.startswith(b"2"):
+                        rcpts.append(addr)
+                    writer.write(reply + b"\r\n")
+                elif verb == b"DATA":
+                    if not ok or not rcpts:
+                        writer.write(b"554 5.5.1 no valid recipients\r\n")
+                        continue
+                    writer.write(b"354 go ahead\r\n")
+                    data = await reader.readuntil(b"\r\n.\r\n")
+                    reply = self.final_reply(data)
+                    if reply.startswith(b"2"):
+                        self.received.append((tuple(rcpts), data))
+                    writer.write(reply + b"\r\n")
+                    ok = False
+                elif verb == b"RSET":
+                    rcpts, ok = [], False
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    return
+                else:
+                    writer.write(b"502 5.5.2 unknown\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def mx() -> AsyncIterator[tuple[PipeliningMX, int]]:
+    server_mx = PipeliningMX()
+    server = await asyncio.start_server(server_mx.serve, "127.0.0.1", 0)
+    yield server_mx, int(server.sockets[0].getsockname()[1])
+    server.close()
+
+
+def message(n: int) -> bytes:
+    return f"Subject: m{n}\r\nMessage-ID: <m{n}@x>\r\n\r\nbody {n}\r\n.starts with a dot\r\n".encode()
+
+
+async def send_all(mx: PipeliningMX, port: int, envelopes: list[Envelope], concurrency: int = 2) -> dict[int, Outcome]:
+    """Run :meth:`Sender.run` over ``envelopes``; each mark checks that nothing of its message arrived."""
+    snd = Sender(parse_transport(f"smtp://127.0.0.1:{port}?concurrency={concurrency}"), None, backoff_base=0.01)
+    outcomes: dict[int, Outcome] = {}
+    queue: list[Work] = []
+    for n, env in enumerate(envelopes):
+
+        async def mark(env: Envelope = env) -> None:
+            await asyncio.sleep(0)  # a mark takes its time; DATA must wait for it
+            assert all(data != env.data for _, data in mx.received), "message data before its mark"
+
+        def done(outcome: Outcome, n: int = n) -> None:
+            assert n not in outcomes, f"message {n} finished twice"
+            outcomes[n] = outcome
+
+        queue.append(Work(env, mark, done))
+    queue.reverse()
+
+    async def take() -> Work | None:
+        await asyncio.sleep(0)
+        return queue.pop() if queue else None
+
+    await snd.run(take, lambda: queue.pop() if queue else None)
+    await snd.close()
+    return outcomes
+
+
+async def test_every_message_once_with_the_next_one_pipelined(
+    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, port = mx
+    riding: list[bool] = []
+    original = SmtpClient.transaction
+
+    async def counting(self: SmtpClient, *args: Any, **kwargs: Any) -> TransactionResult:
+        riding.append(kwargs.get("sent_head") is not None)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SmtpClient, "transaction", counting)
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(40)]
+    outcomes = await send_all(server, port, envs)
+    assert sum(riding) >= 30  # most messages' commands went out with the message before
+    assert {o.status for o in outcomes.values()} == {"sent"} and len(outcomes) == 40
+    got = Counter(rcpts[0] for rcpts, _ in server.received)
+    assert got == Counter(f"c{n}@x.test" for n in range(40))
+    for rcpts, data in server.received:  # each message went to its own recipient, dot-stuffed
+        n = int(rcpts[0][1:].split("@")[0])
+        assert f"body {n}\r\n..starts with a dot".encode() in data
+    assert server.connections == 2  # reused, never one per message
+
+
+async def test_4xx_to_the_final_dot_is_retried_and_the_next_message_starts_over(
+    mx: tuple[PipeliningMX, int],
+) -> None:
+    server, port = mx
+    refused: Counter[bytes] = Counter()
+
+    def final(data: bytes) -> bytes:
+        if b"body 3\r\n" in data and refused[b"3"] < 2:
+            refused[b"3"] += 1
+            return b"451 4.3.0 try again"
+        if b"body 7\r\n" in data:
+            return b"554 5.7.1 rejected"
+        return b"250 2.0.0 queued"
+
+    server.final_reply = final
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(12)]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert outcomes[3].status == "sent" and refused[b"3"] == 2
+    assert outcomes[7].status == "failed" and outcomes[7].reply.startswith("554")
+    assert all(outcomes[n].status == "sent" for n in range(12) if n != 7)
+    got = Counter(rcpts[0] for rcpts, _ in server.received)
+    assert all(v == 1 for v in got.values()) and len(got) == 11
+
+
+async def test_several_recipients_are_all_or_nothing(mx: tuple[PipeliningMX, int]) -> None:
+    server, port = mx
+    server.rcpt_reply = lambda a: b"550 5.1.1 no such user" if a == "gone@x.test" else b"250 2.1.5 ok"
+    envs = [
+        Envelope("billing@x.test", ("a@x.test", "gone@x.test", "b@x.test"), message(1)),
+        Envelope("billing@x.test", ("a@x.test", "b@x.test"), message(2)),
+    ]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert outcomes[0].status == "failed" and outcomes[0].reply.startswith("550 5.1.1")
+    assert outcomes[1].status == "sent"
+    assert server.received == [(("a@x.test", "b@x.test"), server.received[0][1])]
+    assert b"body 2\r\n" in server.received[0][1]
+    # DATA was never sent for the refused message: RSET instead, then the next transaction
+    verbs = [line[:4] for line in server.lines]
+    assert verbs.count(b"DATA") == 1 and b"RSET" in verbs
