@@ -27,6 +27,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from postroom.delivery import wire
 from postroom.delivery.wire import Extensions, Reply
@@ -88,8 +89,7 @@ class _Protocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         if self.drop_plaintext:
@@ -167,7 +167,7 @@ class SmtpClient:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         async with asyncio.timeout(connect_timeout):
-            transport, proto = await loop.create_connection(
+            _transport, proto = await loop.create_connection(
                 _Protocol,
                 host=address,
                 port=port,
@@ -175,7 +175,6 @@ class SmtpClient:
                 ssl=tls,
                 server_hostname=server_hostname if tls is not None else None,
             )
-        assert isinstance(transport, asyncio.Transport)
         client = cls(proto, (address, port), command_timeout)
         if tls is not None:
             client._note_tls()
@@ -265,7 +264,6 @@ class SmtpClient:
         )
         if new is None:  # pragma: no cover - the transport closed meanwhile
             raise ConnectionError("connection closed during the TLS handshake")
-        assert isinstance(new, asyncio.Transport)
         p.transport = new
         if p.dropped:
             log.warning("%s sent %d plaintext octets during STARTTLS; discarded", self.peer[0], p.dropped)
