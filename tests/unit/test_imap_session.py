@@ -387,3 +387,43 @@ def test_whole_message_fetch_reads_only_the_bytes() -> None:
     assert Counting.structure_calls == 0
     assert c.cmd("c FETCH 1 BODY")[0].startswith("* 1 FETCH (BODY (")
     assert Counting.structure_calls == 1
+
+
+def test_cached_fetch_lines_always_match_a_fresh_session() -> None:
+    """``FETCH 1:* (FLAGS UID RFC822.SIZE)`` lines kept with the shared snapshot follow every change: a flag
+    change by another session, an expunge that shifts the MSNs, a new message, the session's own STORE."""
+    item = "(FLAGS UID RFC822.SIZE)"
+    store = FakeStore()
+    for _ in range(6):
+        store.deliver("INBOX", PLAIN)
+    shared = Snapshots()
+    a, b = Client(store, snapshots=shared), Client(store, snapshots=shared)
+    a.cmd("s SELECT INBOX")
+    first = a.cmd(f"f FETCH 1:* {item}")
+    assert first[1] == f"* 2 FETCH (UID 2 FLAGS () RFC822.SIZE {len(PLAIN)})"
+
+    def check(client: Client) -> None:
+        fresh = Client(store)
+        fresh.cmd("s EXAMINE INBOX")
+        assert client.cmd(f"f FETCH 1:* {item}") == fresh.cmd(f"f FETCH 1:* {item}")
+
+    b.cmd("s SELECT INBOX")
+    b.cmd("t STORE 2 +FLAGS (\\Flagged)")
+    check(b)  # b's own change: its view differs from the snapshot at MSN 2
+    a.cmd("n NOOP")
+    check(a)
+    b.cmd("x STORE 1,3 +FLAGS (\\Deleted)")
+    b.cmd("y EXPUNGE")
+    store.deliver("INBOX", MULTI, ["$New"])
+    store.deliver("INBOX", PLAIN)
+    c = Client(store, snapshots=shared)
+    c.cmd("s SELECT INBOX")  # the snapshot catches up: MSNs shifted, as many messages as before
+    check(c)
+    a.cmd("n NOOP")
+    check(a)
+    many = Client(store, snapshots=shared)
+    many.cmd("s SELECT INBOX")
+    many.cmd("z STORE 1:* +FLAGS (\\Seen)")
+    d = Client(store, snapshots=shared)
+    d.cmd("s SELECT INBOX")
+    check(d)

@@ -237,7 +237,9 @@ def _fetch_meta(s: Session, indices: list[int], atts: tuple[FetchAtt, ...]) -> N
     """The hot path (``FETCH 1:* (FLAGS UID RFC822.SIZE)``): metadata only, from the view.
 
     Items are sent in one fixed order (RFC 9051 §7.5.2 does not tie it to the request's order), which
-    lets the common combinations use one format string and no per-item dispatch."""
+    lets the common combinations use one format string and no per-item dispatch. The lines of the most
+    common one are kept with the process's snapshot of the mailbox and reused while the view holds the
+    same message at the same MSN (see :mod:`postroom.imap.snapshots`)."""
     view = s.view
     assert view is not None
     names = {a.name for a in atts}
@@ -258,10 +260,26 @@ def _fetch_meta(s: Session, indices: list[int], atts: tuple[FetchAtt, ...]) -> N
     )
     metas = view.metas
     ft = encode.flag_text
+    cached: tuple[list[MetaLike], list[bytes | None]] | None = None
+    snap = s.snapshots.get(view.mailbox_id, view.uidvalidity) if s.snapshots is not None else None
+    if snap is not None and s.snapshots is not None:
+        cached = (snap.metas, s.snapshots.lines(view.mailbox_id, snap))
     for start in range(0, len(indices), META_LINES_PER_WRITE):
         chunk = indices[start : start + META_LINES_PER_WRITE]
         out: list[bytes] = []
-        if want == ["UID", "FLAGS", "RFC822.SIZE"]:
+        if want == ["UID", "FLAGS", "RFC822.SIZE"] and cached is not None:
+            smetas, lines = cached
+            ns = len(smetas)
+            for i in chunk:
+                m = metas[i]
+                same = i < ns and smetas[i] is m  # the snapshot's line is this very message at this MSN
+                line = lines[i] if same else None
+                if line is None:
+                    line = fmt % (i + 1, m.uid, ft(m.flags), m.size)
+                    if same:
+                        lines[i] = line
+                out.append(line)
+        elif want == ["UID", "FLAGS", "RFC822.SIZE"]:
             for i in chunk:
                 m = metas[i]
                 out.append(fmt % (i + 1, m.uid, ft(m.flags), m.size))

@@ -80,14 +80,9 @@ async def select(s: Session, tag: str, args: list[Token], uid: bool, readonly: b
     view = View(mbox.id, mbox.name, mbox.uidvalidity, uidnext, modseq, metas, readonly)
     s.view = view
     s.state = State.SELECTED
-    keywords: set[str] = set()
-    first_unseen = 0
-    for i, m in enumerate(view.metas):
-        for f in m.flags:
-            if not f.startswith("\\"):
-                keywords.add(f)
-        if not first_unseen and "\\Seen" not in m.flags:
-            first_unseen = i + 1
+    # A mailbox holds few distinct flag sets: look at each once, not at every message's flags.
+    keywords = {f for flags in {m.flags for m in view.metas} for f in flags if not f.startswith("\\")}
+    first_unseen = next((i + 1 for i, m in enumerate(view.metas) if "\\Seen" not in m.flags), 0)
     flags = " ".join(SYSTEM_FLAGS + tuple(sorted(keywords)))
     s.untagged(f"{len(view)} EXISTS")
     if not s.rev2:
