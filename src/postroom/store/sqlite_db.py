@@ -3,9 +3,12 @@
 Invariants:
 - The database runs in WAL mode with ``synchronous=FULL``: a COMMIT returns only after the WAL is fsynced.
 - All writes go through one :class:`GroupCommitWriter` thread per process. It takes every job queued
-  while the previous commit was running, runs each in its own SAVEPOINT inside one ``BEGIN IMMEDIATE``
-  transaction and commits once: one fsync for the whole batch (group commit). A failing job rolls back
-  only its savepoint and fails only its own caller.
+  while the previous commit was running, runs them inside one ``BEGIN IMMEDIATE`` transaction and commits
+  once: one fsync for the whole batch (group commit). A failing job fails only its own caller: when a job
+  raises, the transaction is rolled back and the batch is run again with each job in its own SAVEPOINT
+  (a savepoint per job on every batch cost ~20 µs of the ~130 µs CPU of an append).
+- A job (:data:`WriteFn`) is a function of the database alone: it may run twice (see above), so it
+  changes nothing outside the connection and the ``Touched`` it is given.
 - A job's future is resolved only after COMMIT returned, so "returned" means "durable".
 - Readers use their own connections (one per reader thread); WAL lets them run beside the writer.
 - WAL checkpoints run on the writer's commits (SQLite's default, every 1,000 pages). A separate passive
@@ -297,6 +300,8 @@ class GroupCommitWriter:
     def _transaction(self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
         """Run ``live`` in one transaction; True when it committed (each job's outcome is set)."""
         try:
+            if self._all_or_retry(conn, live, touched_by):
+                return True
             conn.execute("BEGIN IMMEDIATE")
             for i, job in enumerate(live):
                 touched = Touched()
@@ -321,6 +326,27 @@ class GroupCommitWriter:
             for job in live:
                 job.outcome = (False, err)
             return False
+
+    @staticmethod
+    def _all_or_retry(conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
+        """The fast path: every job in one transaction, no savepoints. True when committed; False (rolled
+        back, no outcome set) when a job raised, so the caller runs the batch again with savepoints."""
+        conn.execute("BEGIN IMMEDIATE")
+        results: list[Any] = []
+        for job in live:
+            touched = Touched()
+            try:
+                results.append(job.fn(conn, touched))
+            except Exception:
+                touched_by.clear()
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return False
+            touched_by.append(touched)
+        conn.execute("COMMIT")
+        for job, res in zip(live, results, strict=True):
+            job.outcome = (True, res)
+        return True
 
 
 class ReaderPool:
