@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from typing import Any
 
 from postroom.imap import encode
@@ -306,20 +307,85 @@ def _fetch_meta(s: Session, indices: list[int], atts: tuple[FetchAtt, ...]) -> N
         s.send(b"".join(out))
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a FETCH's attribute list asks for, worked out once per distinct list (see ``_plan``)."""
+
+    fa: FetchArgs
+    atts: tuple[FetchAtt, ...]  # with UID added for UID FETCH and MODSEQ for CHANGEDSINCE/MODSEQ
+    condstore: bool  # the command turns CONDSTORE on (RFC 7162 §3.1)
+    sets_seen: bool
+    meta_only: bool  # served by ``_fetch_meta``
+    has_flags: bool
+    needs_struct: bool
+    streamed: bool
+
+
+PLAN_CACHE = 256  # distinct attribute lists whose plans a process keeps (clients use a handful)
+_plans: dict[tuple[object, bool], _Plan] = {}
+
+
+def _frozen(tokens: list[Token]) -> tuple[object, ...] | None:
+    """A hashable copy of atoms and lists (None when a string or literal is among them: not cached)."""
+    out: list[object] = []
+    for t in tokens:
+        if isinstance(t, str):
+            out.append(t)
+        elif isinstance(t, list):
+            inner = _frozen(t)
+            if inner is None:
+                return None
+            out.append(inner)
+        else:
+            return None
+    return tuple(out)
+
+
+def _plan(args: list[Token], uid: bool) -> _Plan:
+    key = _frozen(args)
+    if key is not None:
+        hit = _plans.get((key, uid))
+        if hit is not None:
+            return hit
+    fa = parse_fetch(args)
+    atts = fa.atts
+    if uid and not any(a.name == "UID" for a in atts):
+        atts = (FetchAtt("UID"), *atts)
+    condstore = fa.changedsince is not None or any(a.name == "MODSEQ" for a in atts)
+    if condstore and not any(a.name == "MODSEQ" for a in atts):
+        atts = (*atts, FetchAtt("MODSEQ"))
+    plan = _Plan(
+        fa=fa,
+        atts=atts,
+        condstore=condstore,
+        sets_seen=any(a.sets_seen for a in atts),
+        meta_only=all(a.name in META_ATTS and a.section is None for a in atts),
+        has_flags=any(a.name == "FLAGS" for a in atts),
+        needs_struct=any(
+            (a.section is None and a.name in STRUCT_ATTS)  # BODY[] is a section, not BODYSTRUCTURE's BODY
+            or a.name in ("RFC822.HEADER", "RFC822.TEXT")
+            or (a.section is not None and (a.section.path or a.section.text or a.name != "BODY"))
+            for a in atts
+        ),
+        streamed=any(a.needs_bytes for a in atts),
+    )
+    if key is not None:
+        if len(_plans) >= PLAN_CACHE:
+            _plans.clear()
+        _plans[(key, uid)] = plan
+    return plan
+
+
 async def fetch(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome | None:
     if len(args) < 2:
         raise BadArgs("FETCH needs a sequence set and attributes")
     seq = seqset(args[0])
-    fa: FetchArgs = parse_fetch(args[1:])
+    plan = _plan(args[1:], uid)
+    fa, atts = plan.fa, plan.atts
     view = s.view
     assert view is not None
-    atts = fa.atts
-    if uid and not any(a.name == "UID" for a in atts):
-        atts = (FetchAtt("UID"), *atts)
-    if fa.changedsince is not None or any(a.name == "MODSEQ" for a in atts):
+    if plan.condstore:
         s.condstore = True
-        if not any(a.name == "MODSEQ" for a in atts):
-            atts = (*atts, FetchAtt("MODSEQ"))
     if fa.vanished and not (uid and s.qresync and fa.changedsince is not None):
         raise BadArgs("VANISHED needs UID FETCH, QRESYNC and CHANGEDSINCE")
     indices = view.indices(seq, uid, s.saved)
@@ -335,26 +401,21 @@ async def fetch(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome |
     if not uid:
         view.check_msns(seq)
     seen_changed: set[int] = set()
-    if not view.readonly and any(a.sets_seen for a in atts):
+    if not view.readonly and plan.sets_seen:
         need = [view.uids[i] for i in indices if "\\Seen" not in view.metas[i].flags]
         if need:
             changed, _ = await s.store.set_flags(view.mailbox_id, need, "add", ["\\Seen"])
             for m in changed:
                 if view.replace(m) is not None:
                     seen_changed.add(m.uid)
-    if all(a.name in META_ATTS and a.section is None for a in atts):
+    if plan.meta_only:
         _fetch_meta(s, indices, atts)
         await s.poll(allow_expunge=uid)
         s.tagged(tag, "OK", ("UID FETCH" if uid else "FETCH") + " completed")
         return None
     with_flags = (*atts, FetchAtt("FLAGS"))
-    needs_struct = any(
-        (a.section is None and a.name in STRUCT_ATTS)  # BODY[] is a section, not BODYSTRUCTURE's BODY
-        or a.name in ("RFC822.HEADER", "RFC822.TEXT")
-        or (a.section is not None and (a.section.path or a.section.text or a.name != "BODY"))
-        for a in atts
-    )
-    streamed = any(a.needs_bytes for a in atts)
+    needs_struct = plan.needs_struct
+    streamed = plan.streamed
     batch = max(1, s.config.fetch_batch)
     pending = 0
     for start in range(0, len(indices), batch):
@@ -365,7 +426,7 @@ async def fetch(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome |
         for i in chunk:
             meta = view.metas[i]
             use = atts
-            if meta.uid in seen_changed and not any(a.name == "FLAGS" for a in atts):
+            if meta.uid in seen_changed and not plan.has_flags:
                 use = with_flags
             items = await _render(s, i + 1, meta, use, structs.get(meta.blob_id))
             line = s.fetch_line(i + 1, items)
