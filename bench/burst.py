@@ -10,10 +10,12 @@ recipient and compose the MIME message around it. The baseline is what one write
 ``extract_text`` page by page and a ``PdfWriter`` per group, in one process. Postroom's uses pypdfium2 for
 text (once per page, text only) and pikepdf for splitting, over all cores.
 
-Sending: the messages Postroom built are sent through its real sender (connection reuse, ledger with a
-durable "sending" mark before every DATA) to ``smtp-sink`` on 127.0.0.1; ``smtp-source -d`` sends the same
-number of messages of the same size with the same number of sessions to the same sink. Peers missing: the
-sending part is skipped and says so.
+Sending: the messages Postroom built are sent through its real sender path (``send_built``: the
+``Sender`` on ``postroom.delivery.client.SmtpClient`` with PIPELINING and connection reuse, the ledger's
+``LedgerWriter`` with a durable "sending" mark before every DATA, and the send log) to ``smtp-sink`` on
+127.0.0.1; ``smtp-source -d`` sends the same number of messages of the same size with the same number of
+sessions to the same sink. CPU per message is this process's user + system time over the sending span
+(ledger thread included). Peers missing: the sending part is skipped and says so.
 """
 
 from __future__ import annotations
