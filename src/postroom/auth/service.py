@@ -70,12 +70,6 @@ class Authenticator:
     def _cache_key(self, address: str, password: str) -> bytes:
         return hmac.new(self._key, f"{address}\x00{password}".encode(), hashlib.sha256).digest()
 
-    def forget(self, address: str) -> None:
-        """Drop every cached credential of ``address`` (after a password change or deletion)."""
-        for key, (acct, _) in list(self._cache.items()):
-            if acct.address == address:
-                del self._cache[key]
-
     async def authenticate(self, username: str, password: str, ip: str) -> Account | None:
         delay = self.throttle.delay(ip)
         if delay > 0:
