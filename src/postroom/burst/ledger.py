@@ -368,7 +368,8 @@ class LedgerWriter:
     def __init__(self, ledger: Ledger, job: str) -> None:
         self.ledger = ledger
         self.job = job
-        self._pending: list[tuple[tuple[str, str, str, dict[str, str]], asyncio.Future[None]]] = []
+        # (update, future to complete when it is durable, or None for update_soon)
+        self._pending: list[tuple[tuple[str, str, str, dict[str, str]], asyncio.Future[None] | None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -421,9 +422,7 @@ class LedgerWriter:
         """
         if self._journal is not None:  # a kill before the commit then still knows the outcome
             self._journal.outcome(key, status, reply)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda f: f.exception())  # nobody awaits it; failures surface via update()
-        self._pending.append(((key, status, reply, extra), fut))
+        self._pending.append(((key, status, reply, extra), None))  # failures surface via reserve()/update()
         self._wake.set()
 
     async def update(self, key: str, status: str, reply: str = "", **extra: str) -> None:
@@ -447,9 +446,9 @@ class LedgerWriter:
                 await asyncio.to_thread(self.ledger.update_many, self.job, [u for u, _ in batch])
             except Exception as exc:  # the senders must learn that the ledger failed: they stop
                 for _, fut in batch:
-                    if not fut.done():
+                    if fut is not None and not fut.done():
                         fut.set_exception(exc)
                 continue
             for _, fut in batch:
-                if not fut.done():
+                if fut is not None and not fut.done():
                     fut.set_result(None)

@@ -366,19 +366,6 @@ class Sender:
         self._lines.extend(lines)
         await asyncio.gather(*(self._loop(line, take, poll) for line in lines))
 
-    async def send(self, env: Envelope, on_sending: OnSending) -> Outcome:
-        """Deliver one envelope with retries on a connection of its own (the CLI's bulk path is :meth:`run`)."""
-        got: list[Outcome] = []
-        works = [Work(env, on_sending, got.append)]
-
-        async def take() -> Work | None:
-            return works.pop() if works else None
-
-        line = _Line()
-        self._lines.append(line)
-        await self._loop(line, take, lambda: None)
-        return got[0]
-
     async def _loop(self, line: _Line, take: Take, poll: Poll) -> None:
         while True:
             if line.carried is not None:
