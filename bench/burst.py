@@ -21,7 +21,6 @@ sessions to the same sink. CPU per message is this process's user + system time 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import os
 import resource
@@ -47,6 +46,7 @@ from postroom.burst.plan import PageScan, make_plan
 from postroom.burst.produce import Built, Item, produce
 from postroom.burst.tags import TagError, find_tags, has_tag_marker
 from postroom.burst.transport import Sender, parse_transport
+from postroom.net import eventloop
 
 JOB = {
     "from": "Billing <billing@example.test>",
@@ -221,7 +221,10 @@ def sending(path: Path, messages: int, concurrency: int, tmp: Path, runs: int) -
         wait_port(port)
         for run in range(runs):  # interleaved, medians
             refs.append(source_rate("-d"))
-            dt, user, system = asyncio.run(send_postroom(built, items, port, concurrency, tmp / f"ledger{run}.sqlite"))
+            # on the loop `postroom burst` sends on (postroom.net.eventloop: uvloop by default)
+            dt, user, system = eventloop.run(
+                send_postroom(built, items, port, concurrency, tmp / f"ledger{run}.sqlite")
+            )
             cpus.append((user + system) / len(built))
             syss.append(system / len(built))
             ours.append(len(built) / dt)
