@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sqlite3
 import threading
@@ -31,6 +30,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import orjson
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreError, StoreFullError
 from postroom.mime import STRUCTURE_VERSION, analyze
@@ -332,7 +333,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
             st = analyze(raw)
             holder["headers"] = st.pop("search_headers", "")
             holder["body"] = st.pop("search_body", "")
-            holder["structure"] = json.dumps(st, separators=(",", ":"))
+            holder["structure"] = orjson.dumps(st).decode()
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> list[tuple[int, int]]:
             refs = len(targets) + (1 if outbound is not None and outbound.recipients else 0)
@@ -511,7 +512,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 chunk = ids[i : i + 500]
                 marks = ",".join("?" * len(chunk))
                 for blob_id, text in c.execute(f"SELECT id, structure FROM blobs WHERE id IN ({marks})", chunk):
-                    out[blob_id] = json.loads(text)
+                    out[blob_id] = orjson.loads(text)
             return out
 
         result: dict[int, dict[str, Any]] = await self._read(q, on_loop=len(ids) <= LOOP_STRUCTURES)
@@ -524,7 +525,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         raw = await self.read(blob_id)
         st = analyze(raw)
         heads, body = st.pop("search_headers", ""), st.pop("search_body", "")
-        text = json.dumps(st, separators=(",", ":"))
+        text = orjson.dumps(st).decode()
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
             indexed = self._unindex(c, blob_id)  # the index's content changes: out with the old text …
