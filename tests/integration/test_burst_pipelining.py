@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,3 +178,32 @@ async def test_several_recipients_are_all_or_nothing(mx: tuple[PipeliningMX, int
     # DATA was never sent for the refused message: RSET instead, then the next transaction
     verbs = [line[:4] for line in server.lines]
     assert verbs.count(b"DATA") == 1 and b"RSET" in verbs
+
+
+async def test_a_failing_mark_stops_every_connection_and_sends_nothing_of_that_message(
+    mx: tuple[PipeliningMX, int],
+) -> None:
+    server, port = mx
+    snd = Sender(parse_transport(f"smtp://127.0.0.1:{port}?concurrency=3"), None)
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(30)]
+    queue = [Work(env, _mark(n), lambda _o: None) for n, env in enumerate(envs)][::-1]
+
+    async def take() -> Work | None:
+        await asyncio.sleep(0)
+        return queue.pop() if queue else None
+
+    with pytest.raises(OSError, match="ledger disk full"):
+        await snd.run(take, lambda: queue.pop() if queue else None)
+    await snd.close()
+    await asyncio.sleep(0.05)  # let the server see the connections end
+    assert not any(b"body 5\r\n" in data for _, data in server.received)
+    assert not any(b"QUIT" in data for _, data in server.received)  # no command went into a message
+
+
+def _mark(n: int) -> Callable[[], Awaitable[None]]:
+    async def mark() -> None:
+        await asyncio.sleep(0)
+        if n == 5:
+            raise OSError("ledger disk full")
+
+    return mark

@@ -308,6 +308,10 @@ Take = Callable[[], Awaitable[Work | None]]  # the next message, waiting for one
 Poll = Callable[[], Work | None]  # the next message if one is ready now, else None
 
 
+class _MarkFailed(Exception):
+    """``on_sending`` raised (the ledger failed): never to be taken for a network error and retried."""
+
+
 @dataclass(slots=True)
 class _Line:
     """One connection loop's state: its session, messages sent on it, and a message already begun."""
@@ -315,6 +319,7 @@ class _Line:
     client: SmtpClient | None = None
     used: int = 0
     carried: tuple[Work, Head | None] | None = None
+    busy: bool = False  # inside a transaction: QUIT now could land in a message's data
 
 
 class Sender:
@@ -344,8 +349,12 @@ class Sender:
         self._quitting: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        clients = [line.client for line in self._lines if line.client is not None]
-        self._lines = []
+        """QUIT idle connections; one still inside a transaction is dropped (no final dot: discarded)."""
+        lines, self._lines = self._lines, []
+        for line in lines:
+            if line.busy and line.client is not None:
+                line.client.close()
+        clients = [line.client for line in lines if line.client is not None and not line.busy]
         await asyncio.gather(*(c.quit() for c in clients), *self._quitting)
 
     async def _pace(self) -> None:
@@ -364,7 +373,14 @@ class Sender:
         Never raises for SMTP or network trouble (a failing ``on_sending`` does raise)."""
         lines = [_Line() for _ in range(self.transport.limits.concurrency)]
         self._lines.extend(lines)
-        await asyncio.gather(*(self._loop(line, take, poll) for line in lines))
+        tasks = [asyncio.ensure_future(self._loop(line, take, poll)) for line in lines]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:  # one loop failed (or we are cancelled): stop the others mid-transaction too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _loop(self, line: _Line, take: Take, poll: Poll) -> None:
         while True:
@@ -379,7 +395,11 @@ class Sender:
             attempt = 0
             while True:
                 attempt += 1
-                outcome = await self._attempt(line, work, head, poll)
+                line.busy = True
+                try:
+                    outcome = await self._attempt(line, work, head, poll)
+                finally:
+                    line.busy = False
                 head = None
                 if outcome.status != "deferred" or attempt >= self.max_attempts:
                     break
@@ -443,6 +463,12 @@ class Sender:
             line.carried = (nxt, h)
             return h.data
 
+        async def before_data() -> None:
+            try:
+                await work.on_sending()
+            except Exception as exc:  # an OSError here is the ledger's, not the connection's
+                raise _MarkFailed() from exc
+
         try:
             result = await client.transaction(
                 env.sender,
@@ -451,10 +477,14 @@ class Sender:
                 eight_bit=not env.data.isascii(),
                 smtputf8=env.smtputf8,
                 all_or_nothing=True,
-                before_data=work.on_sending,
+                before_data=before_data,
                 sent_head=head,
                 then=then,
             )
+        except _MarkFailed as exc:  # the client dropped the connection without the final dot
+            self._drop(line)
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
         except LocalProtocolError as exc:  # an address that cannot go on the wire (the plan validated them)
             return Outcome("failed", f"not sent: {exc}")
         except _NETWORK_ERRORS as exc:
