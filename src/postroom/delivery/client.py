@@ -423,8 +423,8 @@ class SmtpClient:
                 self.close()  # no final dot: the peer discards the transaction (RFC 5321 §4.1.1.4)
                 raise
         payload = wire.data_payload(message)
-        self.data_started = True
         following = then() if then is not None else b""
+        self.data_started = True
         self._write(
             payload + following, shown=f"[message, {len(payload)} octets]" + (" + next MAIL" if following else "")
         )
