@@ -65,7 +65,6 @@ CREATE TABLE IF NOT EXISTS message (
 );
 """
 RESENDABLE = ("planned", "deferred")
-_EXTRA_COLUMNS = ("filename", "attachment_sha256", "message_id")
 JOURNAL_CHUNK = 1 << 20  # bytes the send log grows by (~15,000 lines)
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux; elsewhere the journal is never trusted
 
@@ -168,7 +167,9 @@ class Ledger:
                 status,
                 reply,
                 now,
-                *(extra.get(c) for c in _EXTRA_COLUMNS),
+                extra.get("filename"),  # the columns a caller may set; None keeps the stored value
+                extra.get("attachment_sha256"),
+                extra.get("message_id"),
                 status == "sending",  # a "sending" mark counts an attempt
                 job,
                 key,

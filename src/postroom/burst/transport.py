@@ -472,7 +472,7 @@ class Sender:
         try:
             result = await client.transaction(
                 env.sender,
-                [Rcpt(a) for a in env.recipients],
+                [Rcpt(a) for a in env.recipients] if head is None else (),  # a sent head has them
                 env.data,
                 eight_bit=not env.data.isascii(),
                 smtputf8=env.smtputf8,
