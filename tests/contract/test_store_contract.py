@@ -461,3 +461,22 @@ async def test_changes_since_sees_every_commit(store: Store) -> None:
     assert after.expunged == [2] and after.highestmodseq > first.highestmodseq
     gone = await store.changes_since(12_345, 0)
     assert not gone.exists
+
+
+async def test_set_flags_reports_exactly_what_it_stored(store: Store) -> None:
+    mb = await _inbox(store)
+    for when in (1_700_000_000.123456789, 1_234_567_890.987654321, 1_600_000_000.0):
+        await store.append(MSG, [AppendTarget(mb, frozenset({"$A"}), when)])
+    before = await store.messages(mb)
+    changed, failed = await store.set_flags(mb, [3, 1, 1, 99], "add", ["\\Seen"])
+    assert failed == [] and [m.uid for m in changed] == [3, 1]
+    after = {m.uid: m for m in await store.messages(mb)}
+    assert all(m == after[m.uid] for m in changed)  # internaldate to the last bit, flags, MODSEQ
+    assert after[2] == before[1] and after[1].flags == frozenset({"$A", "\\Seen"})
+    top = after[1].modseq
+    changed, failed = await store.set_flags(mb, [1, 2, 3], "remove", ["$A"], unchanged_since=top - 1)
+    assert failed == [1, 3] and [m.uid for m in changed] == [2]
+    changed, _ = await store.set_flags(mb, [1, 2, 3], "replace", ["$B"])
+    assert {m.uid: m.flags for m in changed} == {u: frozenset({"$B"}) for u in (1, 2, 3)}
+    assert [m.flags for m in await store.messages(mb)] == [frozenset({"$B"})] * 3
+    assert (await store.set_flags(mb, [1, 2, 3], "add", ["$B"]))[0] == []  # nothing changed: no new MODSEQ

@@ -550,17 +550,25 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         uid_list = list(uids)
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> tuple[list[MessageMeta], list[int]]:
+            # One statement reads all the rows and one writes each distinct new flag set (not two per
+            # message): every SQLite call lets the event loop's thread take the GIL, and getting it back can
+            # cost this thread a switch interval when the loop is busy (8-10 ms per STORE under load).
             mb = c.execute("SELECT highestmodseq FROM mailboxes WHERE id=?", (mailbox_id,)).fetchone()
             if mb is None:
                 raise NotFoundError(f"no mailbox {mailbox_id}")
             new_modseq = mb[0] + 1
+            found = c.execute(
+                "SELECT json_group_array(json_array(uid, blob_id, flags, modseq, size,"
+                " printf('%!.17g', internaldate)))"  # 17 digits: the REAL comes back exactly
+                " FROM messages WHERE mailbox_id=? AND uid IN (SELECT value FROM json_each(?))",
+                (mailbox_id, orjson.dumps(uid_list).decode()),
+            ).fetchone()[0]
+            rows = {r[0]: r for r in orjson.loads(found)}
             changed: list[MessageMeta] = []
             failed: list[int] = []
-            for uid in uid_list:
-                row = c.execute(
-                    "SELECT uid, blob_id, flags, modseq, size, internaldate FROM messages WHERE mailbox_id=? AND uid=?",
-                    (mailbox_id, uid),
-                ).fetchone()
+            updates: dict[str, list[int]] = {}  # new flag text -> UIDs: one UPDATE per distinct result
+            for uid in dict.fromkeys(uid_list):
+                row = rows.get(uid)
                 if row is None:
                     continue
                 if unchanged_since is not None and row[3] > unchanged_since:
@@ -570,11 +578,14 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 new = old | wanted if op == "add" else old - wanted if op == "remove" else frozenset(wanted)
                 if new == old:
                     continue
+                updates.setdefault(_flag_text(new), []).append(uid)
+                changed.append(MessageMeta(uid, row[1], new, new_modseq, row[4], float(row[5])))
+            for text, group in updates.items():
                 c.execute(
-                    "UPDATE messages SET flags=?, modseq=? WHERE mailbox_id=? AND uid=?",
-                    (_flag_text(new), new_modseq, mailbox_id, uid),
+                    "UPDATE messages SET flags=?, modseq=?"
+                    " WHERE mailbox_id=? AND uid IN (SELECT value FROM json_each(?))",
+                    (text, new_modseq, mailbox_id, orjson.dumps(group).decode()),
                 )
-                changed.append(MessageMeta(row[0], row[1], new, new_modseq, row[4], row[5]))
             if changed:
                 c.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (new_modseq, mailbox_id))
                 t.mailboxes.add(mailbox_id)
