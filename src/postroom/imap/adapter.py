@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 from collections import OrderedDict
@@ -82,42 +81,66 @@ class _UserIpLimiter:
 class _SharedChanges:
     """``ChangesSource`` for one process: sessions woken by the same commit share one query.
 
-    A sentinel watch per mailbox counts announcements ("generations"); a query in flight is reused only
-    by callers in the generation it started in, so it can never predate the commit that woke them.
+    A sentinel watch per mailbox counts announcements ("generations"). A result, or a query in flight, is
+    reused only by callers in the generation it started in, so it never predates a commit announced to
+    them; ``fresh`` (NOOP and friends) always asks the store, so a lost cross-process datagram delays a
+    session by at most one command. The store's query runs in the caller's task (no task per call: the
+    SQLite store answers it on the event loop); a caller that finds it in flight waits for it, and asks
+    the store itself when that caller failed or was cancelled.
     """
 
     MAX_MAILBOXES = 10_000  # sentinel watches kept; the least recently used is closed beyond this
+    MAX_RESULTS = 8  # results kept per mailbox and generation (sessions at different MODSEQs)
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.sentinels: OrderedDict[int, tuple[Watch, list[int]]] = OrderedDict()
-        self.inflight: dict[tuple[int, int], tuple[int, asyncio.Task[Changes]]] = {}
+        #: mailbox id -> (sentinel watch, {modseq: result, or a future while the query is in flight})
+        self.entries: OrderedDict[int, tuple[Watch, dict[int, Changes | asyncio.Future[Changes | None]]]] = (
+            OrderedDict()
+        )
 
-    async def get(self, mailbox_id: int, modseq: int) -> Changes:
-        entry = self.sentinels.get(mailbox_id)
-        if entry is None:
-            entry = (self.store.watch(mailbox_id), [0])
-            self.sentinels[mailbox_id] = entry
-            while len(self.sentinels) > self.MAX_MAILBOXES:
-                self.sentinels.popitem(last=False)[1][0].close()
-        else:
-            self.sentinels.move_to_end(mailbox_id)
-        sentinel, generation = entry
-        if sentinel.pending:
-            sentinel.clear()
-            generation[0] += 1
-        key = (mailbox_id, modseq)
-        hit = self.inflight.get(key)
-        if hit is None or hit[0] != generation[0]:
-            task = asyncio.ensure_future(self.store.changes_since(mailbox_id, modseq))
-            hit = (generation[0], task)
-            self.inflight[key] = hit
-            task.add_done_callback(functools.partial(self._done, key, hit))
-        return await asyncio.shield(hit[1])
+    async def get(self, mailbox_id: int, modseq: int, fresh: bool = False) -> Changes:
+        while True:
+            entry = self.entries.get(mailbox_id)
+            if entry is None:
+                entry = (self.store.watch(mailbox_id), {})
+                self.entries[mailbox_id] = entry
+                while len(self.entries) > self.MAX_MAILBOXES:
+                    self.entries.popitem(last=False)[1][0].close()
+            else:
+                self.entries.move_to_end(mailbox_id)
+            sentinel, results = entry
+            if sentinel.pending:  # a new generation: nothing from before it may be handed out
+                sentinel.clear()
+                results.clear()
+            hit = None if fresh else results.get(modseq)
+            if hit is None:
+                return await self._query(mailbox_id, modseq, results)
+            if not isinstance(hit, asyncio.Future):
+                return hit
+            done = await asyncio.shield(hit)
+            if done is not None:
+                return done
+            # the query's owner failed or was cancelled: go round and ask the store
 
-    def _done(self, key: tuple[int, int], entry: tuple[int, asyncio.Task[Changes]], _task: object) -> None:
-        if self.inflight.get(key) is entry:
-            del self.inflight[key]
+    async def _query(
+        self, mailbox_id: int, modseq: int, results: dict[int, Changes | asyncio.Future[Changes | None]]
+    ) -> Changes:
+        if len(results) >= self.MAX_RESULTS:
+            results.clear()
+        waiting: asyncio.Future[Changes | None] = asyncio.get_running_loop().create_future()
+        results[modseq] = waiting
+        changes: Changes | None = None
+        try:
+            changes = await self.store.changes_since(mailbox_id, modseq)
+            return changes
+        finally:
+            if results.get(modseq) is waiting:
+                if changes is None:
+                    del results[modseq]
+                else:
+                    results[modseq] = changes
+            waiting.set_result(changes)
 
 
 class _Io:

@@ -194,18 +194,18 @@ class Session:
             return
         if force or self.watch.pending:
             self.watch.clear()
-            await self.sync(allow_expunge, shared=True)
+            await self.sync(allow_expunge, shared=True, fresh=force)
         elif allow_expunge and self.view.gone:
             self.announce_expunges()
 
-    async def sync(self, allow_expunge: bool, shared: bool = False) -> None:
+    async def sync(self, allow_expunge: bool, shared: bool = False, fresh: bool = False) -> None:
         """Announce and apply what changed since ``view.modseq`` (``shared``: the query may be shared with
-        other sessions woken by the same commit)."""
+        other sessions woken by the same commit; ``fresh``: but it must be asked now, as NOOP asks)."""
         view = self.view
         if view is None:
             return
         if self.changes_source is not None and shared:
-            changes = await self.changes_source.get(view.mailbox_id, view.modseq)
+            changes = await self.changes_source.get(view.mailbox_id, view.modseq, fresh)
         else:
             changes = await self.store.changes_since(view.mailbox_id, view.modseq)
         if not changes.exists:

@@ -140,6 +140,7 @@ class Io(Protocol):
 
 class ChangesSource(Protocol):
     """Shares one ``changes_since`` query among the sessions woken by the same commit. ``get`` may return
-    the result of a query already in flight only if no change was announced since that query started."""
+    the result of a query (in flight or done) only if no change was announced since that query started;
+    with ``fresh`` it always asks the store."""
 
-    async def get(self, mailbox_id: int, modseq: int) -> ChangesLike: ...
+    async def get(self, mailbox_id: int, modseq: int, fresh: bool = False) -> ChangesLike: ...
