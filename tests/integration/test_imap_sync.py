@@ -220,3 +220,23 @@ def test_timeouts_say_bye(server_factory: Callable[..., RunningServer]) -> None:
     assert c.line().startswith(b"+ ")
     assert c.line().startswith(b"* BYE Autologout")  # idle_timeout also bounds IDLE
     c.close()
+
+
+def test_idle_timeout_counts_from_the_last_command(server_factory: Callable[..., RunningServer]) -> None:
+    """The timeout is the wait for the next command: a client busy past it stays; one silent for it goes."""
+    srv = server_factory(
+        services=["imap"],
+        auth={"allow_plaintext_on_loopback": True},
+        imap={"pre_auth_timeout": 0.4, "idle_timeout": 0.6},
+    )
+    srv.add_user(USER, PASSWORD)
+    c = Raw(srv.host, srv.ports["imap"])  # reads the greeting
+    time.sleep(0.25)
+    c.cmd("l", f"LOGIN {USER} {PASSWORD}")  # within pre_auth_timeout
+    started = time.monotonic()
+    for n in range(6):  # 1.2 s in all, twice the idle timeout, never 0.6 s without a command
+        time.sleep(0.2)
+        assert c.cmd(f"n{n}", "NOOP")[-1].startswith(f"n{n} OK".encode())
+    assert time.monotonic() - started > 1.0
+    assert c.line().startswith(b"* BYE Autologout")
+    c.close()
