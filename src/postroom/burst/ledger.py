@@ -21,9 +21,9 @@ Invariants:
   commit's fsync (milliseconds) is not waited for per message; DATA still waits until its own mark is
   durable.
 - The send log (``ledger.sendlog`` beside ``ledger.sqlite``, :class:`Journal`) makes a crash cost no
-  more than the messages whose DATA was really in flight. It is appended with plain ``write()`` (no
-  fsync): ``R`` when a message is reserved, ``S`` just before its first DATA octet, ``D`` with its
-  outcome. A kill of the process loses nothing written (the page cache survives it); an OS crash may, so
+  more than the messages whose DATA was really in flight. Lines are stored into a shared memory map of
+  the file, never fsynced: ``R`` when a message is reserved, ``S`` just before its first DATA octet, ``D``
+  with its outcome. A kill of the process loses nothing stored (the page cache survives it); an OS crash may, so
   the log is trusted only when its boot id is this boot's and its writer is no longer running. Then
   :meth:`Ledger.prepare` puts a ``sending`` row back to ``planned`` when it was reserved and never
   ``S``-started, applies a recorded outcome, and leaves only started-and-unanswered rows ``unknown``.

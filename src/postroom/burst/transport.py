@@ -9,17 +9,21 @@ Invariants:
 - Security is explicit: with ``smtp+starttls`` a server without STARTTLS is an error, never a silent
   downgrade; certificates are verified unless ``verify=no``.
 - The wire is :class:`postroom.delivery.client.SmtpClient`, the relay's client: PIPELINING (RFC 2920) puts
-  MAIL, RCPT and DATA in one write, so a message costs two round trips instead of four; every byte comes
-  from :mod:`postroom.delivery.wire` (addresses checked for CR/LF, DATA CRLF-only and dot-stuffed).
+  MAIL, RCPT and DATA in one write, and the next waiting message's group rides in the same write as the
+  previous message's data (still one transaction at a time), so a message costs one round trip instead of
+  four; every byte comes from :mod:`postroom.delivery.wire` (addresses checked for CR/LF, DATA CRLF-only
+  and dot-stuffed).
 - :class:`Sender` keeps up to ``concurrency`` connections open and reuses each for many messages
   (``MESSAGES_PER_CONNECTION``). Every message is all-or-nothing: if any recipient is refused, the
   transaction is reset and nothing is sent (with several recipients DATA waits for every RCPT reply).
 - Replies decide: 2xx sent; 5xx failed, never retried; 4xx (including 421) and lost connections before DATA
-  back off exponentially and retry up to ``max_attempts``. A connection lost *during* DATA is ``unknown``
-  (the server may have accepted it) and never retried automatically.
+  back off exponentially and retry up to ``max_attempts`` (a 4xx to the final dot while the next message's
+  commands are on that connection closes it; that message starts over). A connection lost *during* DATA is
+  ``unknown`` (the server may have accepted it) and never retried automatically.
 - ``on_sending`` (the ledger's durable "sending" mark) is awaited after the ``354`` and before the first
   octet of the message: nothing of the message is transmitted before the mark is on disk. If it fails, the
-  connection is dropped without the final dot (the server discards the transaction).
+  connection is dropped without the final dot (the server discards the transaction), every connection
+  loop stops and the error is raised as itself (never taken for a network error and retried).
 - Provider limits are enforced here: messages per minute is a pace, recipients per message is checked in
   the plan, per-day limits are checked against the ledger before sending.
 """
