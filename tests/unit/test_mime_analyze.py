@@ -120,3 +120,22 @@ def test_multipart_fragments_stay_in_bounds(chunks: list[bytes]) -> None:
     s = analyze(raw)
     for kid in s["body"].get("c", []):
         assert kid["o"] >= 0 and kid["o"] + kid["h"] + kid["b"] <= len(raw)
+
+
+def _header_end_reference(raw: bytes) -> int:
+    """The rule, written the slow way: the header ends after the first CRLF CRLF or LF LF, whichever comes
+    first (an empty first line ends it at once); no blank line: the whole input is header."""
+    if raw.startswith(b"\r\n"):
+        return 2
+    if raw.startswith(b"\n"):
+        return 1
+    ends = [i + 4 for i in range(len(raw)) if raw.startswith(b"\r\n\r\n", i)]
+    ends += [i + 2 for i in range(len(raw)) if raw.startswith(b"\n\n", i)]
+    return min(ends, default=len(raw))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b":", b" ", b"\r", b"\n", b"\r\n", b"\n\n", b"\r\n\r\n"]), max_size=30))
+def test_header_ends_at_the_first_blank_line(parts: list[bytes]) -> None:
+    raw = b"".join(parts)
+    assert analyze(raw)["header_size"] == _header_end_reference(raw)

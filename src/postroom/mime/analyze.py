@@ -53,7 +53,8 @@ def _header_end(raw: bytes, start: int, end: int) -> int:
     if raw.startswith(b"\n", start):
         return start + 1
     crlf = raw.find(b"\r\n\r\n", start, end)
-    lf = raw.find(b"\n\n", start, end)
+    # A bare-LF blank line counts only before the CRLF one: search no further (not through the whole body).
+    lf = raw.find(b"\n\n", start, crlf + 1 if crlf >= 0 else end)
     if crlf < 0 and lf < 0:
         return end
     if crlf >= 0 and (lf < 0 or crlf + 1 < lf):
