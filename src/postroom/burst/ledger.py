@@ -306,6 +306,8 @@ class Journal:
         if self._map is not None:
             self._map.close()
         os.ftruncate(self._fd, size)
+        if hasattr(os, "posix_fallocate"):  # blocks reserved now: a full disk is an OSError here, not a SIGBUS
+            os.posix_fallocate(self._fd, 0, size)  # on a store into the map later
         self._map = mmap.mmap(self._fd, size)
         self._size = size
 
