@@ -66,8 +66,20 @@ def _mailbox(row: Sequence[Any]) -> Mailbox:
     return Mailbox(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
 
 
+FLAG_SETS_KEPT = 4096  # distinct flag texts interned per process (a mailbox has a handful)
+_flag_sets: dict[str, frozenset[str]] = {}
+
+
 def _flags(text: str) -> frozenset[str]:
-    return frozenset(text.split()) if text else frozenset()
+    """The flag set stored as ``text``, one shared object per distinct text: listings of thousands of
+    messages hold a handful of sets, and comparing or hashing the same object is immediate."""
+    flags = _flag_sets.get(text)
+    if flags is None:
+        flags = frozenset(text.split()) if text else frozenset()
+        if len(_flag_sets) >= FLAG_SETS_KEPT:
+            _flag_sets.clear()
+        _flag_sets[text] = flags
+    return flags
 
 
 def _flag_text(flags: Iterable[str]) -> str:
@@ -578,8 +590,9 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 new = old | wanted if op == "add" else old - wanted if op == "remove" else frozenset(wanted)
                 if new == old:
                     continue
-                updates.setdefault(_flag_text(new), []).append(uid)
-                changed.append(MessageMeta(uid, row[1], new, new_modseq, row[4], float(row[5])))
+                text = _flag_text(new)
+                updates.setdefault(text, []).append(uid)
+                changed.append(MessageMeta(uid, row[1], _flags(text), new_modseq, row[4], float(row[5])))
             for text, group in updates.items():
                 c.execute(
                     "UPDATE messages SET flags=?, modseq=?"
