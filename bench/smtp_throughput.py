@@ -25,6 +25,7 @@ import asyncio
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -367,6 +368,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     note: str = ""
+    server_cpu_us: float | None = None  # CPU per message of the server's processes (None: not measurable)
+    source_cpu_us: float | None = None  # CPU per message of smtp-source itself
 
     @property
     def rate(self) -> float:
@@ -380,12 +383,38 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its living descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as fh:
+                    todo.extend(int(c) for c in fh.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Result:
     peer.start()
     try:
         prober = Probe(peer.port) if probe else None
         if prober is not None:
             prober.start()
+        # Postfix spawns and reaps its own processes, so only the one-tree servers' CPU is counted.
+        pid = peer.proc.pid if peer.proc is not None and not isinstance(peer, PostfixPeer) else None
+        cpu0, kids0 = (tree_cpu(pid) if pid else 0.0), children_cpu()
         t0 = time.perf_counter()
         src = subprocess.run(
             [
@@ -398,6 +427,8 @@ def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Res
             check=False,
         )  # fmt: skip
         t_source = time.perf_counter()
+        source_cpu = children_cpu() - kids0  # smtp-source, reaped just now
+        server_cpu = tree_cpu(pid) - cpu0 if pid else None
         if prober is not None:
             prober.stop.set()
             prober.join(60)
@@ -414,7 +445,18 @@ def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Res
         lat = prober.latencies if prober is not None else []
         if prober is not None and prober.error:
             note = note or f"probe: {prober.error}"
-        return Result(peer.name, sessions, messages, elapsed, pct(lat, 0.5), pct(lat, 0.99), note)
+        sent = messages + (prober.sent if prober is not None else 0)
+        return Result(
+            peer.name,
+            sessions,
+            messages,
+            elapsed,
+            pct(lat, 0.5),
+            pct(lat, 0.99),
+            note,
+            server_cpu / sent * 1e6 if server_cpu is not None else None,
+            source_cpu / messages * 1e6,
+        )
     finally:
         peer.stop()
 
@@ -487,8 +529,11 @@ def main() -> int:
         per_run = " / ".join(f"{x.rate:.0f}" for x in runs[(name, s)])
         print(f"  {name:<9} {s:>3} sessions {res.rate:8.0f} msg/s  (runs: {per_run})")
     print()
-    print("| sessions | server | msg/s | final dot p50 ms | p99 ms | vs Postfix | vs aiosmtpd | of smtp-sink |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| sessions | server | msg/s | final dot p50 ms | p99 ms | vs Postfix | vs aiosmtpd | of smtp-sink"
+        " | server CPU µs/msg | smtp-source CPU µs/msg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in sessions:
         base_pf = table.get(("postfix", s))
         base_ai = table.get(("aiosmtpd", s))
@@ -501,7 +546,9 @@ def main() -> int:
             vs_ai = f"{got.rate / base_ai.rate:.2f}x" if base_ai and base_ai.rate else "-"
             of_sink = f"{got.rate / sink.rate:.0%}" if sink and sink.rate else "-"
             lat = "- | -" if name == "sink" else f"{got.p50_ms:.2f} | {got.p99_ms:.2f}"
-            print(f"| {s} | {name} | {got.rate:.0f} | {lat} | {vs_pf} | {vs_ai} | {of_sink} |")
+            srv_cpu = f"{got.server_cpu_us:.0f}" if got.server_cpu_us is not None else "-"
+            src_cpu = f"{got.source_cpu_us:.0f}" if got.source_cpu_us is not None else "-"
+            print(f"| {s} | {name} | {got.rate:.0f} | {lat} | {vs_pf} | {vs_ai} | {of_sink} | {srv_cpu} | {src_cpu} |")
     bad = [r for r in table.values() if "STORED ONLY" in r.note]
     if bad:
         print("ERROR: Postroom acknowledged messages it did not store", file=sys.stderr)
