@@ -126,3 +126,12 @@ def test_only_address_error_escapes(text: str) -> None:
     for utf8 in (False, True):
         with contextlib.suppress(AddressError):
             parse_path(text, smtputf8=utf8, allow_null=True)
+
+
+def test_valid_paths_are_remembered_errors_are_not() -> None:
+    first = parse_path("<Repeat@Example.ORG>")
+    assert parse_path("<Repeat@Example.ORG>") is first  # the cached Address (immutable)
+    assert parse_path("<Repeat@Example.ORG>", smtputf8=True) == first  # another key, same answer
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            parse_path("<no-at-sign>")

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from postroom.errors import PostroomError
 MAX_LOCAL_PART = 64  # octets, RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # octets, RFC 5321 §4.5.3.1.2
 MAX_PATH = 256  # octets including the angle brackets, RFC 5321 §4.5.3.1.3
+PATH_CACHE = 4096  # parsed valid paths remembered per process (parse_path)
 MAX_LABEL = 63  # octets, RFC 1035 §2.3.4
 
 
@@ -182,8 +184,18 @@ def parse_path(text: str, *, smtputf8: bool = False, allow_null: bool = False) -
     """Parse an RFC 5321 ``Path`` ``<[@route:]mailbox>``; ``<>`` gives None when ``allow_null``.
 
     The source route is validated and dropped (RFC 5321 §3.6.1, Appendix C); the returned address is the
-    one the mail is really for.
+    one the mail is really for. Valid paths are remembered (:data:`PATH_CACHE` per process): the same
+    senders and recipients come back message after message, and an :class:`Address` is immutable.
     """
+    return _parse_path_cached(text, smtputf8, allow_null)
+
+
+@functools.lru_cache(maxsize=PATH_CACHE)
+def _parse_path_cached(text: str, smtputf8: bool, allow_null: bool) -> Address | None:
+    return _parse_path(text, smtputf8, allow_null)  # an AddressError is raised, never cached
+
+
+def _parse_path(text: str, smtputf8: bool, allow_null: bool) -> Address | None:
     if len(text.encode("utf-8")) > MAX_PATH:
         raise AddressError("path too long")
     if not (text.startswith("<") and text.endswith(">")):
