@@ -68,6 +68,14 @@ class Changes:
     exists: bool = True
 
 
+@dataclass(frozen=True)
+class FlagUpdate:
+    changed: list[Meta]
+    failed: list[int]
+    modseq_before: int
+    modseq_after: int
+
+
 @dataclass
 class Account:
     id: int
@@ -230,6 +238,19 @@ class FakeStore:
                 mb.msgs[uid] = m
                 changed.append(m)
         return changed, failed
+
+    async def update_flags(
+        self,
+        mailbox_id: int,
+        uids: Sequence[int],
+        op: Literal["add", "remove", "replace"],
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> FlagUpdate:
+        mb = self._by_id(mailbox_id)
+        before = mb.box.highestmodseq
+        changed, failed = await self.set_flags(mailbox_id, uids, op, flags, unchanged_since)
+        return FlagUpdate(changed, failed, before, mb.box.highestmodseq)
 
     async def expunge(self, mailbox_id: int, uids: Sequence[int] | None = None) -> list[int]:
         mb = self._by_id(mailbox_id)

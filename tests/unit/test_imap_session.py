@@ -427,3 +427,38 @@ def test_cached_fetch_lines_always_match_a_fresh_session() -> None:
     d = Client(store, snapshots=shared)
     d.cmd("s SELECT INBOX")
     check(d)
+
+
+def test_own_store_is_not_read_back_but_others_changes_are() -> None:
+    class Counting(FakeStore):
+        rows_read = 0
+
+        async def changes_since(self, mailbox_id: int, modseq: int) -> Any:
+            changes = await super().changes_since(mailbox_id, modseq)
+            Counting.rows_read += len(changes.changed)
+            return changes
+
+    store = Counting()
+    for _ in range(3):
+        store.deliver("INBOX", PLAIN)
+    a, b = Client(store), Client(store)
+    a.cmd("s SELECT INBOX")
+    b.cmd("s SELECT INBOX")
+    assert a.cmd("t UID STORE 1:2 +FLAGS (\\Seen)")[:2] == [
+        "* 1 FETCH (UID 1 FLAGS (\\Seen))",
+        "* 2 FETCH (UID 2 FLAGS (\\Seen))",
+    ]
+    assert a.cmd("f FETCH 3 BODY[]")[0].startswith("* 3 FETCH (BODY[] {")  # sets \Seen too (FLAGS follow)
+    assert a.cmd("n NOOP") == ["n OK NOOP completed"]
+    assert Counting.rows_read == 0  # a's own changes were never read back
+    assert b.cmd("n NOOP")[:3] == [  # b learns all three from the store
+        "* 1 FETCH (UID 1 FLAGS (\\Seen))",
+        "* 2 FETCH (UID 2 FLAGS (\\Seen))",
+        "* 3 FETCH (UID 3 FLAGS (\\Seen))",
+    ]
+    assert Counting.rows_read == 3
+    b.cmd("x STORE 1 +FLAGS (\\Flagged)")  # a change a has not seen: a's next STORE must not skip it
+    assert a.cmd("y STORE 2 +FLAGS (\\Answered)")[:2] == [
+        "* 2 FETCH (FLAGS (\\Answered \\Seen))",
+        "* 1 FETCH (UID 1 FLAGS (\\Flagged \\Seen))",
+    ]

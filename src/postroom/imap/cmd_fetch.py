@@ -404,10 +404,11 @@ async def fetch(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome |
     if not view.readonly and plan.sets_seen:
         need = [view.uids[i] for i in indices if "\\Seen" not in view.metas[i].flags]
         if need:
-            changed, _ = await s.store.set_flags(view.mailbox_id, need, "add", ["\\Seen"])
-            for m in changed:
+            done = await s.store.update_flags(view.mailbox_id, need, "add", ["\\Seen"])
+            for m in done.changed:
                 if view.replace(m) is not None:
                     seen_changed.add(m.uid)
+            s.applied_own_change(done.modseq_before, done.modseq_after)
     if plan.meta_only:
         _fetch_meta(s, indices, atts)
         await s.poll(allow_expunge=uid)

@@ -49,11 +49,13 @@ async def store(s: Session, tag: str, args: list[Token], uid: bool) -> Outcome |
         view.check_msns(seq)
     indices = view.indices(seq, uid, s.saved)
     uids = [view.uids[i] for i in indices if view.uids[i] not in view.gone]
-    changed, failed = await s.store.set_flags(view.mailbox_id, uids, _OPS[sign], flags, unchanged_since)
+    done = await s.store.update_flags(view.mailbox_id, uids, _OPS[sign], flags, unchanged_since)
+    changed, failed = done.changed, done.failed
     changed_uids = set()
     for m in changed:
         if view.replace(m) is not None:
             changed_uids.add(m.uid)
+    s.applied_own_change(done.modseq_before, done.modseq_after)
     failed_set = set(failed)
     for i in indices:
         meta = view.metas[i]

@@ -185,6 +185,14 @@ class Session:
         if self.state is State.SELECTED:
             self.state = State.AUTH
 
+    def applied_own_change(self, modseq_before: int, modseq_after: int) -> None:
+        """After this session's own flag change, applied to ``view`` from the store's answer: when the view
+        was current just before the change (same transaction), it is current just after it, so the change
+        is not read back (the next sync asks only for what came after)."""
+        view = self.view
+        if view is not None and modseq_before >= 0 and modseq_before == view.modseq < modseq_after:
+            view.modseq = modseq_after
+
     def fetch_line(self, msn: int, items: list[bytes]) -> bytes:
         return b"* %d FETCH (" % msn + b" ".join(items) + b")\r\n"
 

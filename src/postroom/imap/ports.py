@@ -72,6 +72,17 @@ class ChangesLike(Protocol):
     def exists(self) -> bool: ...
 
 
+class FlagUpdateLike(Protocol):
+    @property
+    def changed(self) -> Sequence[MetaLike]: ...
+    @property
+    def failed(self) -> Sequence[int]: ...
+    @property
+    def modseq_before(self) -> int: ...
+    @property
+    def modseq_after(self) -> int: ...
+
+
 class AccountLike(Protocol):
     @property
     def id(self) -> int: ...
@@ -112,6 +123,14 @@ class MailPort(Protocol):
         flags: Iterable[str],
         unchanged_since: int | None = None,
     ) -> tuple[Sequence[MetaLike], Sequence[int]]: ...
+    async def update_flags(
+        self,
+        mailbox_id: int,
+        uids: Sequence[int],
+        op: Literal["add", "remove", "replace"],
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> FlagUpdateLike: ...
     async def expunge(self, mailbox_id: int, uids: Sequence[int] | None = None) -> Sequence[int]: ...
     async def copy(
         self, src_mailbox_id: int, uids: Sequence[int], dst_mailbox_id: int

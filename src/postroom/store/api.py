@@ -103,6 +103,16 @@ class Changes:
 
 
 @dataclass(frozen=True, slots=True)
+class FlagUpdate:
+    """What :meth:`Store.update_flags` did, with the mailbox's HIGHESTMODSEQ around it."""
+
+    changed: list[MessageMeta]  # messages whose flags changed, with their new MODSEQ
+    failed: list[int]  # UIDs left alone because their MODSEQ exceeds UNCHANGEDSINCE
+    modseq_before: int  # HIGHESTMODSEQ just before the change, in its transaction (-1: not known)
+    modseq_after: int  # HIGHESTMODSEQ just after it (= modseq_before when nothing changed)
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundRecipient:
     address: str
     notify: str = ""  # DSN NOTIFY (RFC 3461): "", "NEVER" or comma list of SUCCESS,FAILURE,DELAY
@@ -277,6 +287,20 @@ class Store(abc.ABC):
     ) -> tuple[list[MessageMeta], list[int]]:
         """Change flags. Returns (messages whose flags changed, with their new MODSEQ; UIDs not changed
         because their MODSEQ exceeds ``unchanged_since`` (RFC 7162 §3.1.3)). Nonexistent UIDs are skipped."""
+
+    async def update_flags(
+        self,
+        mailbox_id: int,
+        uids: Sequence[int],
+        op: FlagOp,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> FlagUpdate:
+        """:meth:`set_flags`, also reporting the mailbox's HIGHESTMODSEQ before and after the change. A
+        caller whose copy of the mailbox was current at ``modseq_before`` is current at ``modseq_after``
+        once it applied ``changed``, without reading its own change back. This default does not know them."""
+        changed, failed = await self.set_flags(mailbox_id, uids, op, flags, unchanged_since)
+        return FlagUpdate(changed, failed, -1, -1)
 
     @abc.abstractmethod
     async def expunge(self, mailbox_id: int, uids: Sequence[int] | None = None) -> list[int]:

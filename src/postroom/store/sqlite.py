@@ -40,6 +40,7 @@ from postroom.store.api import (
     AppendTarget,
     Changes,
     FlagOp,
+    FlagUpdate,
     Mailbox,
     MailboxStatus,
     MessageMeta,
@@ -558,10 +559,21 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         flags: Iterable[str],
         unchanged_since: int | None = None,
     ) -> tuple[list[MessageMeta], list[int]]:
+        done = await self.update_flags(mailbox_id, uids, op, flags, unchanged_since)
+        return done.changed, done.failed
+
+    async def update_flags(
+        self,
+        mailbox_id: int,
+        uids: Sequence[int],
+        op: FlagOp,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> FlagUpdate:
         wanted = set(flags)
         uid_list = list(uids)
 
-        def tx(c: sqlite3.Connection, t: db.Touched) -> tuple[list[MessageMeta], list[int]]:
+        def tx(c: sqlite3.Connection, t: db.Touched) -> FlagUpdate:
             # One statement reads all the rows and one writes each distinct new flag set (not two per
             # message): every SQLite call lets the event loop's thread take the GIL, and getting it back can
             # cost this thread a switch interval when the loop is busy (8-10 ms per STORE under load).
@@ -599,12 +611,13 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                     " WHERE mailbox_id=? AND uid IN (SELECT value FROM json_each(?))",
                     (text, new_modseq, mailbox_id, orjson.dumps(group).decode()),
                 )
-            if changed:
-                c.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (new_modseq, mailbox_id))
-                t.mailboxes.add(mailbox_id)
-            return changed, failed
+            if not changed:
+                return FlagUpdate(changed, failed, mb[0], mb[0])
+            c.execute("UPDATE mailboxes SET highestmodseq=? WHERE id=?", (new_modseq, mailbox_id))
+            t.mailboxes.add(mailbox_id)
+            return FlagUpdate(changed, failed, mb[0], new_modseq)
 
-        result: tuple[list[MessageMeta], list[int]] = await self._write(tx)
+        result: FlagUpdate = await self._write(tx)
         return result
 
     def _remove_tx(self, c: sqlite3.Connection, mailbox_id: int, uids: list[int], t: db.Touched) -> list[int]:
