@@ -52,6 +52,11 @@ class View:
         n = len(self.uids)
         if n == 0:
             return []
+        if len(seq.ranges) == 1 and not seq.saved:  # one range (1:*, a single UID): no set, no sort
+            lo, hi = next(seq.bounds(self.uids[-1] if uid else n))
+            if uid:
+                return list(range(bisect_left(self.uids, lo), bisect_right(self.uids, hi)))
+            return list(range(max(lo, 1) - 1, min(hi, n)))
         out: set[int] = set()
         if seq.saved:
             for u in saved or ():
