@@ -292,8 +292,33 @@ def _pct(xs: list[float], q: float) -> float:
     return 1000 * xs[min(len(xs) - 1, int(len(xs) * q))] if xs else 0.0
 
 
-def load(port: int, users: list[str], clients: int, duration: float, procs: int) -> dict[str, Any]:
-    """``clients`` concurrent sessions for ``duration`` seconds from ``procs`` processes."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(pid: int) -> float:
+    """Seconds of CPU used by ``pid`` and every process below it, reaped children included (utime,
+    stime, cutime, cstime from ``/proc``): the whole server, whatever its process model."""
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+                stats[int(entry)] = fields
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats and p not in tree:
+            tree.add(p)
+            todo.extend(c for c, parent in parents.items() if parent == p)
+    return sum(sum(int(x) for x in stats[p][11:15]) for p in tree) / _TICK
+
+
+def load(port: int, users: list[str], clients: int, duration: float, procs: int, pid: int = 0) -> dict[str, Any]:
+    """``clients`` concurrent sessions for ``duration`` seconds from ``procs`` processes; with ``pid``,
+    also the server's CPU per session and per command over the run."""
     asyncio.run(_clear_seen(port, users))
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
@@ -301,12 +326,17 @@ def load(port: int, users: list[str], clients: int, duration: float, procs: int)
     end = start + duration
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(procs) as pool:
+        cpu0 = server_cpu(pid) if pid else 0.0
         parts = pool.map(_worker, [(port, users, k, start, end, SEED + i) for i, k in enumerate(shares)])
+        cpu = server_cpu(pid) - cpu0 if pid else 0.0
     total = {k: sum(p[k] for p in parts) for k in ("sessions", "commands", "errors", "octets")}
     out: dict[str, Any] = {
         "commands_s": total["commands"] / duration,
         "sessions_s": total["sessions"] / duration,
         "errors": total["errors"],
+        # the window also holds the 0.5 s start delay and the sessions cut off at the end: an upper bound
+        "cpu_ms_session": 1000 * cpu / max(1, total["sessions"]),
+        "cpu_us_command": 1e6 * cpu / max(1, total["commands"]),
     }
     for name in COMMANDS:
         lat = sorted(x for p in parts for x in p["latencies"][name])
@@ -315,21 +345,21 @@ def load(port: int, users: list[str], clients: int, duration: float, procs: int)
     return out
 
 
-Target = tuple[str, int, list[str]]  # (name, port, user names)
+Target = tuple[str, int, list[str], int]  # (name, port, user names, server pid for its CPU)
 
 
 def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
     """Interleave the servers run by run (A, B, A, B …) so a change in the machine's load hits both alike."""
-    for _, port, users in targets:
+    for _, port, users, _ in targets:
         asyncio.run(_warm_logins(port, users))  # every user on every worker: auth cache, mailbox snapshot
         load(port, users, max(args.clients), min(2.0, args.duration), args.procs)  # warm-up: page cache
-    out: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _, _ in targets}
+    out: dict[str, dict[int, dict[str, float]]] = {name: {} for name, _, _, _ in targets}
     for clients in args.clients:
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _, _ in targets}
         for _ in range(args.runs):
-            for name, port, users in targets:
-                runs[name].append(load(port, users, clients, args.duration, args.procs))
-        for name, _, _ in targets:
+            for name, port, users, pid in targets:
+                runs[name].append(load(port, users, clients, args.duration, args.procs, pid))
+        for name, _, _, _ in targets:
             rs = runs[name]
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             med["commands_s_min"] = min(r["commands_s"] for r in rs)
@@ -338,7 +368,8 @@ def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, dict[i
             print(
                 f"  {name:<16} {clients:>3} clients: {med['commands_s']:7.0f} commands/s "
                 f"({med['commands_s_min']:.0f}-{med['commands_s_max']:.0f})  {med['sessions_s']:6.1f} sessions/s  "
-                f"errors {med['errors']:.0f}",
+                f"errors {med['errors']:.0f}  server CPU {med['cpu_ms_session']:.2f} ms/session "
+                f"{med['cpu_us_command']:.0f} us/command",
                 flush=True,
             )
             print(
@@ -373,7 +404,7 @@ def main() -> int:
     data_dir = prepare_postroom(OUT, args.users, args.messages)
     port = free_port()
     proc, _ = start_postroom(data_dir, port, args.workers, "imap", GREETING)
-    postroom: Target = ("postroom", port, [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)])
+    postroom: Target = ("postroom", port, [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)], proc.pid)
     try:
         variants = {"all": ["perf", "stock"], "perf": ["perf"], "stock": ["stock"], "none": []}[args.peer]
         prepared = prepare_dovecot(args.anchors, args.users, args.messages) if variants else "not asked for"
@@ -391,7 +422,8 @@ def main() -> int:
                     continue
                 try:
                     index_dovecot(stock_conf)
-                    dovecot: Target = (f"dovecot-{variant}", dport, [f"user{u:02d}" for u in range(1, args.users + 1)])
+                    names = [f"user{u:02d}" for u in range(1, args.users + 1)]
+                    dovecot: Target = (f"dovecot-{variant}", dport, names, pid)
                     # Postroom is measured beside the first variant only (interleaved with it).
                     results.update(measure([postroom, dovecot] if "postroom" not in results else [dovecot], args))
                 except RuntimeError as exc:
