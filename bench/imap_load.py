@@ -379,6 +379,42 @@ def measure(targets: list[Target], args: argparse.Namespace) -> dict[str, dict[i
     return out
 
 
+#: One client, one command in a loop (after LOGIN and SELECT INBOX): label and the lines it cycles through.
+PER_COMMAND: tuple[tuple[str, tuple[bytes, ...]], ...] = (
+    ("CAPABILITY", (b"CAPABILITY",)),
+    ("NOOP", (b"NOOP",)),
+    ("UID FETCH n BODY.PEEK[]", tuple(b"UID FETCH %d BODY.PEEK[]" % u for u in (17, 402, 733))),
+    ("UID STORE n +/-FLAGS (\\Seen)", (rb"UID STORE 5 +FLAGS (\Seen)", rb"UID STORE 5 -FLAGS (\Seen)")),
+)
+
+
+async def _loop_one(port: int, user: str, lines: tuple[bytes, ...], n: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        await reader.readline()
+        c = Client(reader, writer)
+        await c.command(b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
+        await c.command(b"SELECT INBOX")
+        for i in range(n):
+            await c.command(lines[i % len(lines)])
+        await c.command(b"LOGOUT")
+    finally:
+        writer.close()
+
+
+def per_command(target: Target, n: int) -> dict[str, float]:
+    """Server CPU per command, one client looping over one command (``--per-command N``)."""
+    name, port, users, pid = target
+    out: dict[str, float] = {}
+    for label, lines in PER_COMMAND:
+        cpu0, t0 = server_cpu(pid), time.perf_counter()
+        asyncio.run(_loop_one(port, users[0], lines, n))
+        out[label] = 1e6 * (server_cpu(pid) - cpu0) / n
+        wall = 1e6 * (time.perf_counter() - t0) / n
+        print(f"  {name} one client, {label:<28} {out[label]:5.0f} us CPU/command  {wall:5.0f} us wall", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny and fast (CI): 4 users x 60 messages, 1.5 s")
@@ -390,6 +426,7 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="load-generator processes")
     ap.add_argument("--workers", type=int, default=0, help="Postroom workers (0: one per core)")
     ap.add_argument("--peer", choices=["all", "perf", "stock", "none"], default="perf")
+    ap.add_argument("--per-command", type=int, default=0, metavar="N", help="also N of each command, one client")
     ap.add_argument("--anchors", type=Path, default=ROOT.parent / "shared" / "anchors" / "dovecot")
     args = ap.parse_args()
     if args.quick:
@@ -401,6 +438,7 @@ def main() -> int:
         flush=True,
     )
     results: dict[str, dict[int, dict[str, float]]] = {}
+    per_cmd: dict[str, float] = {}
     data_dir = prepare_postroom(OUT, args.users, args.messages)
     port = free_port()
     proc, _ = start_postroom(data_dir, port, args.workers, "imap", GREETING)
@@ -432,6 +470,8 @@ def main() -> int:
                     stop_dovecot(pid)
             if "postroom" not in results:
                 results.update(measure([postroom], args))
+        if args.per_command:
+            per_cmd = per_command(postroom, args.per_command)
     finally:
         stop(proc)
 
@@ -441,7 +481,8 @@ def main() -> int:
             for clients, r in mine.items():
                 ratio = r["commands_s"] / results[peer][clients]["commands_s"]
                 print(f"  postroom / {peer} commands/s at {clients} clients: {ratio:.2f}x", flush=True)
-    (OUT / ("result-quick.json" if args.quick else "result.json")).write_text(json.dumps(results, indent=2))
+    dump = {**results, "postroom-per-command": per_cmd} if per_cmd else results
+    (OUT / ("result-quick.json" if args.quick else "result.json")).write_text(json.dumps(dump, indent=2))
     if any(r["errors"] for res in results.values() for r in res.values()):
         print("  note: some sessions failed (see errors above)", flush=True)
     return 0
