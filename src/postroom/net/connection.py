@@ -117,6 +117,12 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    @property
+    def write_blocked(self) -> bool:
+        """True while the transport's write buffer is above the high-water mark: ``drain`` would wait.
+        Hot loops test this before awaiting ``drain`` (a coroutine call per reply costs more than a test)."""
+        return self._paused_writing
+
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above the high-water mark."""
         if self.transport is None or self.transport.is_closing():

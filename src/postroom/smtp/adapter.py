@@ -219,7 +219,8 @@ class Session:
                 out = core.data_to_send()
                 if out:
                     conn.write(out)
-                    await conn.drain()
+                    if conn.write_blocked:
+                        await conn.drain()
                 now = loop.time()
                 if core.in_data:
                     if data_deadline is None:
