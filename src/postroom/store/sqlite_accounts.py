@@ -21,7 +21,7 @@ class AccountsMixin:
 
     if TYPE_CHECKING:  # provided by SqliteStore
 
-        async def _read(self, fn: Any) -> Any: ...
+        async def _read(self, fn: Any, on_loop: bool = False) -> Any: ...
 
         async def _write(self, fn: db.WriteFn, prepare: Any = None) -> Any: ...
 
@@ -75,7 +75,8 @@ class AccountsMixin:
         row = await self._read(
             lambda c: c.execute(
                 "SELECT id, address, password_hash FROM accounts WHERE address=?", (address.lower(),)
-            ).fetchone()
+            ).fetchone(),
+            on_loop=True,  # one primary-key row: cheaper than the hop to a reader thread (LOGIN, AUTH)
         )
         return Account(*row) if row else None
 
@@ -122,5 +123,5 @@ class AccountsMixin:
                 addr = alias[0]
             return None
 
-        row = await self._read(q)
+        row = await self._read(q, on_loop=True)  # at most 10 primary-key look-ups (RCPT TO, MAIL FROM)
         return Account(*row) if row else None
