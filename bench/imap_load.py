@@ -52,6 +52,7 @@ from _mailcorpus import (  # the shared corpus and process helpers: bench/_mailc
     stop_dovecot,
     wait_port,
 )
+from _proc import server_cpu  # bench/_proc.py
 
 OUT = ROOT / "bench" / "out" / "imap"
 FETCHES_PER_SESSION = 20
@@ -290,30 +291,6 @@ async def _warm_logins(port: int, users: list[str]) -> None:
 
 def _pct(xs: list[float], q: float) -> float:
     return 1000 * xs[min(len(xs) - 1, int(len(xs) * q))] if xs else 0.0
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def server_cpu(pid: int) -> float:
-    """Seconds of CPU used by ``pid`` and every process below it, reaped children included (utime,
-    stime, cutime, cstime from ``/proc``): the whole server, whatever its process model."""
-    parents: dict[int, int] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                parents[int(entry)] = int(fields[1])
-                stats[int(entry)] = fields
-    tree, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        if p in stats and p not in tree:
-            tree.add(p)
-            todo.extend(c for c, parent in parents.items() if parent == p)
-    return sum(sum(int(x) for x in stats[p][11:15]) for p in tree) / _TICK
 
 
 def load(port: int, users: list[str], clients: int, duration: float, procs: int, pid: int = 0) -> dict[str, Any]:

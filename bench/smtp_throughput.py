@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _proc import server_cpu  # bench/_proc.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -383,24 +385,6 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its living descendants, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as fh:
-                    todo.extend(int(c) for c in fh.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -414,7 +398,7 @@ def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Res
             prober.start()
         # Postfix spawns and reaps its own processes, so only the one-tree servers' CPU is counted.
         pid = peer.proc.pid if peer.proc is not None and not isinstance(peer, PostfixPeer) else None
-        cpu0, kids0 = (tree_cpu(pid) if pid else 0.0), children_cpu()
+        cpu0, kids0 = (server_cpu(pid) if pid else 0.0), children_cpu()
         t0 = time.perf_counter()
         src = subprocess.run(
             [
@@ -428,7 +412,7 @@ def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Res
         )  # fmt: skip
         t_source = time.perf_counter()
         source_cpu = children_cpu() - kids0  # smtp-source, reaped just now
-        server_cpu = tree_cpu(pid) - cpu0 if pid else None
+        used = server_cpu(pid) - cpu0 if pid else None
         if prober is not None:
             prober.stop.set()
             prober.join(60)
@@ -454,7 +438,7 @@ def measure(peer: Peer, sessions: int, messages: int, probe: bool = True) -> Res
             pct(lat, 0.5),
             pct(lat, 0.99),
             note,
-            server_cpu / sent * 1e6 if server_cpu is not None else None,
+            used / sent * 1e6 if used is not None else None,
             source_cpu / messages * 1e6,
         )
     finally:
