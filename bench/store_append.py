@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from postroom.net import eventloop
+from postroom.net.limits import EVENT_LOOP
 from postroom.store.api import AppendTarget
 from postroom.store.sqlite import open_store
 
@@ -96,7 +97,7 @@ async def run_postroom(
 
 
 def run_postroom_processes(
-    directory: Path, writers: int, total: int, processes: int, loop: str = eventloop.DEFAULT_EVENT_LOOP
+    directory: Path, writers: int, total: int, processes: int, loop: str = EVENT_LOOP
 ) -> tuple[float, list[float], int, float]:
     mailbox_id = asyncio.run(setup_store(directory))
     ctx = multiprocessing.get_context("fork")
@@ -174,9 +175,7 @@ def main() -> int:
     ap.add_argument(
         "--processes", type=int, default=os.cpu_count() or 1, help="store processes, as `workers` in the server"
     )
-    ap.add_argument(
-        "--loop", choices=eventloop.EVENT_LOOPS, default=eventloop.DEFAULT_EVENT_LOOP, help="the processes' event loop"
-    )
+    ap.add_argument("--loop", choices=eventloop.EVENT_LOOPS, default=EVENT_LOOP, help="the processes' event loop")
     ap.add_argument("--quick", action="store_true", help="a few seconds: 1,000 messages")
     args = ap.parse_args()
     total = 1000 if args.quick else args.messages

@@ -8,6 +8,7 @@ import pytest
 import uvloop
 
 from postroom.net import eventloop
+from postroom.net.limits import EVENT_LOOP
 
 
 async def _loop_type() -> type:
@@ -15,7 +16,7 @@ async def _loop_type() -> type:
 
 
 def test_default_is_uvloop() -> None:
-    assert eventloop.DEFAULT_EVENT_LOOP == "uvloop"
+    assert EVENT_LOOP == "uvloop"
     assert issubclass(eventloop.run(_loop_type()), uvloop.Loop)
 
 

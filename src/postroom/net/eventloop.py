@@ -18,13 +18,14 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from postroom.net.limits import EVENT_LOOP
+
 EVENT_LOOPS = ("uvloop", "asyncio")
-DEFAULT_EVENT_LOOP = "uvloop"
 
 T = TypeVar("T")
 
 
-def loop_factory(kind: str = DEFAULT_EVENT_LOOP) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(kind: str = EVENT_LOOP) -> Callable[[], asyncio.AbstractEventLoop]:
     """A callable making a new loop of ``kind`` (one of :data:`EVENT_LOOPS`)."""
     if kind == "uvloop":
         import uvloop
@@ -35,11 +36,11 @@ def loop_factory(kind: str = DEFAULT_EVENT_LOOP) -> Callable[[], asyncio.Abstrac
     raise ValueError(f"unknown event loop {kind!r} (expected one of {', '.join(EVENT_LOOPS)})")
 
 
-def new_event_loop(kind: str = DEFAULT_EVENT_LOOP) -> asyncio.AbstractEventLoop:
+def new_event_loop(kind: str = EVENT_LOOP) -> asyncio.AbstractEventLoop:
     return loop_factory(kind)()
 
 
-def run(main: Coroutine[Any, Any, T], kind: str = DEFAULT_EVENT_LOOP) -> T:
+def run(main: Coroutine[Any, Any, T], kind: str = EVENT_LOOP) -> T:
     """``asyncio.run`` on a loop of ``kind``."""
     with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
         return runner.run(main)

@@ -8,7 +8,7 @@ MAX_CONNECTIONS = 20_000  # per worker process, all listeners together
 MAX_CONNECTIONS_PER_IP = 200  # per worker process, per remote address, per listener
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds for an implicit-TLS or STARTTLS handshake
 SHUTDOWN_GRACE = 10.0  # seconds SIGTERM waits for sessions to finish before closing them
-EVENT_LOOP = "uvloop"  # or "asyncio"; see net/eventloop.py
+EVENT_LOOP = "uvloop"  # the default; net/eventloop.py lists the choices
 
 
 @dataclass(frozen=True, slots=True)
