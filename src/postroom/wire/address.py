@@ -187,14 +187,10 @@ def parse_path(text: str, *, smtputf8: bool = False, allow_null: bool = False) -
     one the mail is really for. Valid paths are remembered (:data:`PATH_CACHE` per process): the same
     senders and recipients come back message after message, and an :class:`Address` is immutable.
     """
-    return _parse_path_cached(text, smtputf8, allow_null)
+    return _parse_path(text, smtputf8, allow_null)
 
 
-@functools.lru_cache(maxsize=PATH_CACHE)
-def _parse_path_cached(text: str, smtputf8: bool, allow_null: bool) -> Address | None:
-    return _parse_path(text, smtputf8, allow_null)  # an AddressError is raised, never cached
-
-
+@functools.lru_cache(maxsize=PATH_CACHE)  # an AddressError is raised, never cached
 def _parse_path(text: str, smtputf8: bool, allow_null: bool) -> Address | None:
     if len(text.encode("utf-8")) > MAX_PATH:
         raise AddressError("path too long")
