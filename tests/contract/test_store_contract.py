@@ -329,6 +329,39 @@ async def test_sqlite_fulltext_index_stays_consistent(store: Store, store_url: s
         conn.close()
 
 
+async def test_search_finds_large_and_concurrently_indexed_messages(store: Store) -> None:
+    """The index is derived from the bytes behind delivery: messages in files are found too, and searches
+    catching up at the same time index every message once."""
+    mb = await _inbox(store)
+    big = b"Subject: big\r\n\r\nneedle-in-file\r\n" + (b"y" * 998 + b"\r\n") * (INLINE_MAX // 1000 + 10)
+    await store.append(big, [AppendTarget(mb)])
+    for i in range(40):
+        await store.append(b"Subject: n%d\r\n\r\nshared term %d\r\n" % (i, i), [AppendTarget(mb)])
+    results = await asyncio.gather(*[store.search_text(mb, ["shared"]) for _ in range(4)])
+    assert all(r == set(range(2, 42)) for r in results)
+    assert await store.search_text(mb, ["needle-in-file"], body_only=True) == {1}
+
+
+async def test_sqlite_catch_up_skips_a_blob_deleted_meanwhile(store: Store) -> None:
+    """SQLite only: a blob deleted between the indexer's read and its write is not indexed, and the
+    watermark still moves past it."""
+    from postroom.store.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    mb = await _inbox(store)
+    for i in range(3):
+        await store.append(b"Subject: gone %d\r\n\r\nbody\r\n" % i, [AppendTarget(mb)])
+    pending = await store._read(store._unindexed)
+    assert [p[0] for p in pending] == [1, 2, 3]
+    await store.delete_messages(mb, [2])
+    texts = store._derive_texts(pending)
+    await store._write(store._index_chunk_tx(texts, pending[-1][0]))
+    assert await store._read(store._unindexed) == []
+    assert await store.search_text(mb, ["gone"]) == {1, 3}
+    await store.delete_messages(mb, [1, 3])  # the indexed ones leave the index cleanly
+    assert await store.search_text(mb, ["gone"]) == set()
+
+
 async def test_rename_inbox_moves_messages_and_leaves_tombstones(store: Store) -> None:
     mb = await _inbox(store)
     acct = await store.get_account("alice@example.test")
@@ -418,6 +451,53 @@ async def test_sqlite_schema_1_is_migrated(tmp_path: Path) -> None:
         assert await store.search_text(1, ["archived"]) == set()
     finally:
         await store.close()
+
+
+async def test_sqlite_schema_2_is_migrated(tmp_path: Path) -> None:
+    """A store of schema 2 (searchable text in ``blobs``, index over it, one blob not yet indexed) opens
+    with its text moved to ``blob_text``, a consistent index, and every message found."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'v2'}"
+    store = open_store(url)
+    await store.open()
+    mb = await _inbox(store)
+    await store.append(MSG, [AppendTarget(mb)])
+    await store.append(b"Subject: later\r\n\r\nnot yet indexed\r\n", [AppendTarget(mb)])
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "v2" / "meta.db", isolation_level=None)
+    conn.executescript(
+        """
+        DROP TABLE fts; DROP TABLE blob_text;
+        ALTER TABLE blobs ADD COLUMN search_headers TEXT NOT NULL DEFAULT '';
+        ALTER TABLE blobs ADD COLUMN search_body TEXT NOT NULL DEFAULT '';
+        UPDATE blobs SET search_headers='contract', search_body='hello contract world' WHERE id=1;
+        UPDATE blobs SET search_headers='later', search_body='not yet indexed' WHERE id=2;
+        CREATE VIRTUAL TABLE fts USING fts5(search_headers, search_body, content='blobs', content_rowid='id',
+            tokenize='trigram');
+        INSERT INTO fts(rowid, search_headers, search_body) SELECT id, search_headers, search_body FROM blobs
+            WHERE id=1;
+        UPDATE meta SET value=1 WHERE key='fts_indexed';
+        UPDATE meta SET value=2 WHERE key='schema';
+        """
+    )
+    conn.close()
+    store = open_store(url)
+    await store.open()
+    try:
+        assert await store.search_text(mb, ["contract"]) == {1}
+        assert await store.search_text(mb, ["indexed"], body_only=True) == {2}
+        await store.delete_messages(mb, [1])
+        assert await store.search_text(mb, ["contract"]) == set()
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "v2" / "meta.db")
+    try:
+        assert "search_body" not in {row[1] for row in conn.execute("PRAGMA table_info(blobs)")}
+        assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
+        conn.execute("INSERT INTO fts(fts) VALUES('integrity-check')")  # raises when inconsistent
+    finally:
+        conn.close()
 
 
 async def test_reads_of_every_size_agree(store: Store) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from postroom.errors import AlreadyExistsError, NotFoundError
-from postroom.mime import analyze
+from postroom.mime import analyze, searchable_text
 
 T = TypeVar("T")
 
@@ -283,8 +283,8 @@ class FakeStore:
         mb = self._by_id(mailbox_id)
         out = set()
         for u, m in mb.msgs.items():
-            st = self.structs[m.blob_id]
-            text = st["search_body"] if body_only else st["search_headers"] + "\n" + st["search_body"]
+            heads, body = searchable_text(self.blobs[m.blob_id])
+            text = body if body_only else heads + "\n" + body
             if all(t.lower() in text.lower() for t in terms):
                 out.add(u)
         return out

@@ -2,9 +2,10 @@
 
 :func:`analyze` turns a message's bytes into a JSON-able dict that the store keeps beside the message;
 IMAP FETCH (ENVELOPE, BODYSTRUCTURE, BODY[section], RFC822.HEADER …) and SEARCH read it instead of
-re-parsing. Pure functions only: no I/O, no store, no asyncio.
+re-parsing. :func:`searchable_text` is what the full-text index holds. Pure functions only: no I/O, no
+store, no asyncio.
 """
 
-from postroom.mime.analyze import STRUCTURE_VERSION, analyze
+from postroom.mime.analyze import STRUCTURE_VERSION, analyze, searchable_text
 
-__all__ = ["STRUCTURE_VERSION", "analyze"]
+__all__ = ["STRUCTURE_VERSION", "analyze", "searchable_text"]

@@ -8,9 +8,6 @@
   ``BODY[HEADER]``, ``BODY[HEADER.FIELDS (…)]`` and ``RFC822.HEADER`` of many messages come with one
   ``structures`` call instead of one ``read_range`` per message (what mail clients fetch on first sync).
 - ``"lines"``: number of lines of the whole message.
-- ``"search_headers"`` / ``"search_body"``: searchable text for the full-text index: decoded header
-  values, and the decoded text parts (plus headers of attached messages). SEARCH TEXT uses both, BODY the
-  second only.
 - ``"env"``: the ENVELOPE fields (``mime.headers.envelope``).
 - ``"date"``: the Date: header as seconds since the epoch, or None (SEARCH SENTBEFORE …, SORT).
 - ``"fields"``: ``[[lower-cased name, decoded value], ...]`` of the top-level header (SEARCH HEADER, FROM …).
@@ -23,6 +20,11 @@ None), ``lang`` (list or None), ``loc``; ``o`` offset of the part's MIME header,
 including the blank line, ``b`` body octets (the body starts at ``o + h``), ``l`` body lines (text and
 message/rfc822 parts); ``c`` children of a multipart; ``m`` for message/rfc822: ``{"env": ..., "n": node
 of the embedded message}``.
+
+:func:`searchable_text` gives the text for the full-text index: the decoded header values, and the decoded
+text parts plus the headers of attached messages (SEARCH TEXT uses both, BODY the second). It is not part
+of the structure: the store derives it when it indexes, behind delivery, because writing ~5 KB of text
+beside each message at append cost more than the rest of the append's SQL (bench/store_append.py).
 
 Invariants: pure and total (malformed input gives a best-effort structure, never an exception); offsets are
 into ``raw`` exactly as stored; nesting deeper than ``MAX_DEPTH`` is treated as an opaque leaf.
@@ -99,14 +101,17 @@ def _split_multipart(raw: bytes, start: int, end: int, boundary: str) -> list[tu
 
 
 class _Analyzer:
-    def __init__(self, raw: bytes) -> None:
+    """One walk over a message's parts. ``want_text``: also collect the searchable text (``texts``)."""
+
+    def __init__(self, raw: bytes, want_text: bool = False) -> None:
         self.raw = raw
+        self.want_text = want_text
         self.texts: list[str] = []
         self.text_len = 0
         self.parts = 0
 
     def add_text(self, text: str) -> None:
-        if self.text_len < MAX_TEXT and text:
+        if self.want_text and self.text_len < MAX_TEXT and text:
             text = text[: MAX_TEXT - self.text_len]
             self.texts.append(text)
             self.text_len += len(text)
@@ -169,12 +174,14 @@ class _Analyzer:
         elif t == "message" and s in ("rfc822", "global") and depth < MAX_DEPTH:
             inner = self.node(body_start, end, "text/plain", depth + 1)
             inner_fields = parse_fields(raw[body_start : body_start + inner["h"]])
-            self.add_text(" ".join(decode_words(v) for _, v in inner_fields))
+            if self.want_text:
+                self.add_text(" ".join(decode_words(v) for _, v in inner_fields))
             node["m"] = {"env": envelope(inner_fields), "n": inner}
             node["l"] = _count_lines(raw, body_start, end)
         elif t == "text":
             node["l"] = _count_lines(raw, body_start, end)
-            self.add_text(self.decoded_text(body_start, end, node["e"], param(params, "charset"), s))
+            if self.want_text:
+                self.add_text(self.decoded_text(body_start, end, node["e"], param(params, "charset"), s))
         return node
 
     def decoded_text(self, start: int, end: int, cte: str, charset: str | None, subtype: str) -> str:
@@ -199,25 +206,31 @@ class _Analyzer:
 
 def analyze(raw: bytes) -> dict[str, Any]:
     """The stored structure of ``raw`` (see the module docstring for the keys)."""
-    an = _Analyzer(raw)
     header_end = _header_end(raw, 0, len(raw))
     fields = parse_fields(raw[:header_end])
-    decoded = [[name, decode_words(value)] for name, value in fields]
-    header_text = "\n".join(v for _, v in decoded)
-    an.add_text(header_text)
-    search_headers = "".join(an.texts)
-    an.texts = []
-    body = an.node(0, len(raw), "text/plain", 0, fields)
+    body = _Analyzer(raw).node(0, len(raw), "text/plain", 0, fields)
     first_date = next((v for n, v in fields if n == "date"), None)
     return {
         "v": STRUCTURE_VERSION,
         "header_size": header_end,
         "header": raw[:header_end].decode("latin-1"),
         "lines": _count_lines(raw, 0, len(raw)),
-        "search_headers": search_headers,
-        "search_body": "".join(an.texts),
         "env": envelope(fields),
         "date": parse_date(first_date),
-        "fields": decoded,
+        "fields": [[name, decode_words(value)] for name, value in fields],
         "body": body,
     }
+
+
+def searchable_text(raw: bytes) -> tuple[str, str]:
+    """``(headers, body)``: the text the full-text index holds for ``raw``, at most ``MAX_TEXT`` characters
+    together. Headers: the decoded values of the top-level header fields, one per line. Body: the decoded
+    text parts (HTML without its tags) and the decoded headers of attached messages, in order."""
+    an = _Analyzer(raw, want_text=True)
+    header_end = _header_end(raw, 0, len(raw))
+    fields = parse_fields(raw[:header_end])
+    an.add_text("\n".join(decode_words(value) for _, value in fields))
+    headers = "".join(an.texts)
+    an.texts = []
+    an.node(0, len(raw), "text/plain", 0, fields)
+    return headers, "".join(an.texts)

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import orjson
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreError, StoreFullError
-from postroom.mime import STRUCTURE_VERSION, analyze
+from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
     AppendTarget,
@@ -338,22 +338,16 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         path: str | None = None
         if len(raw) > INLINE_MAX:
             path = await asyncio.to_thread(self._write_blob_file, raw)
-        holder: dict[str, str] = {}
+        holder: list[str] = []
 
         def prepare() -> None:
-            # The searchable text goes to its own columns (the full-text index's content), not into the
-            # structure's JSON: escaping ~5 KB of text into JSON cost as much as the SQL of the append.
-            st = analyze(raw)
-            holder["headers"] = st.pop("search_headers", "")
-            holder["body"] = st.pop("search_body", "")
-            holder["structure"] = orjson.dumps(st).decode()
+            holder.append(orjson.dumps(analyze(raw)).decode())
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> list[tuple[int, int]]:
             refs = len(targets) + (1 if outbound is not None and outbound.recipients else 0)
             cur = c.execute(
-                "INSERT INTO blobs(size, data, path, structure, refs, search_headers, search_body)"
-                " VALUES(?,?,?,?,?,?,?)",
-                (len(raw), None if path else raw, path, holder["structure"], refs, holder["headers"], holder["body"]),
+                "INSERT INTO blobs(size, data, path, structure, refs) VALUES(?,?,?,?,?)",
+                (len(raw), None if path else raw, path, holder[0], refs),
             )
             blob_id = cur.lastrowid
             assert blob_id is not None
@@ -537,16 +531,13 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
     async def _reanalyze(self, blob_id: int) -> dict[str, Any]:
         raw = await self.read(blob_id)
         st = analyze(raw)
-        heads, body = st.pop("search_headers", ""), st.pop("search_body", "")
         text = orjson.dumps(st).decode()
+        heads, body = searchable_text(raw)
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
-            indexed = self._unindex(c, blob_id)  # the index's content changes: out with the old text …
-            c.execute(
-                "UPDATE blobs SET structure=?, search_headers=?, search_body=? WHERE id=?", (text, heads, body, blob_id)
-            )
-            if indexed:  # … and in with the new
-                c.execute("INSERT INTO fts(rowid, search_headers, search_body) VALUES(?,?,?)", (blob_id, heads, body))
+            c.execute("UPDATE blobs SET structure=? WHERE id=?", (text, blob_id))
+            if self._unindex(c, blob_id):  # indexed with an older analyser's text: index it again
+                self._index_tx(c, blob_id, heads, body)
 
         await self._write(tx)
         return st

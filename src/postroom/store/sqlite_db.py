@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # octets the WAL file is truncated to after it is reset
 MAX_BATCH = 256  # jobs per group commit; bounds one transaction's duration
-SCHEMA_VERSION = 2  # bump with a MIGRATIONS entry
+SCHEMA_VERSION = 3  # bump with a MIGRATIONS entry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -68,9 +68,11 @@ CREATE TABLE IF NOT EXISTS blobs(
     data BLOB,
     path TEXT,
     structure TEXT NOT NULL,
-    refs INTEGER NOT NULL,
-    search_headers TEXT NOT NULL DEFAULT '',
-    search_body TEXT NOT NULL DEFAULT '');
+    refs INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blob_text(
+    id INTEGER PRIMARY KEY,
+    search_headers TEXT NOT NULL,
+    search_body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages(
     mailbox_id INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -86,8 +88,7 @@ CREATE TABLE IF NOT EXISTS expunged(
     uid INTEGER NOT NULL,
     modseq INTEGER NOT NULL,
     PRIMARY KEY(mailbox_id, uid)) WITHOUT ROWID;
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
-    search_headers, search_body, content='blobs', content_rowid='id', tokenize='trigram');
+{FTS}
 CREATE TABLE IF NOT EXISTS queue_messages(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     blob_id INTEGER NOT NULL,
@@ -113,6 +114,11 @@ CREATE TABLE IF NOT EXISTS queue(
 CREATE INDEX IF NOT EXISTS queue_due ON queue(status, next_attempt);
 CREATE INDEX IF NOT EXISTS queue_message ON queue(message_id);
 """
+
+#: The full-text index: external content over ``blob_text`` (the searchable text of the indexed blobs).
+FTS = """CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    search_headers, search_body, content='blob_text', content_rowid='id', tokenize='trigram');"""
+SCHEMA = SCHEMA.replace("{FTS}", FTS)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -146,8 +152,25 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE IF EXISTS fts_pending")
 
 
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    """Schema 2 → 3: the searchable text left ``blobs`` (where every append wrote it) for ``blob_text``,
+    which the indexer fills behind delivery. Every blob's existing text moves there, the index is rebuilt
+    over it, and the watermark covers every blob."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS blob_text(id INTEGER PRIMARY KEY, search_headers TEXT NOT NULL,"
+        " search_body TEXT NOT NULL)"
+    )
+    conn.execute("INSERT INTO blob_text SELECT id, search_headers, search_body FROM blobs")
+    conn.execute("DROP TABLE IF EXISTS fts")
+    conn.execute(FTS)
+    conn.execute("INSERT INTO fts(fts) VALUES('rebuild')")
+    conn.execute("UPDATE meta SET value=(SELECT COALESCE(MAX(id), 0) FROM blobs) WHERE key='fts_indexed'")
+    conn.execute("ALTER TABLE blobs DROP COLUMN search_headers")
+    conn.execute("ALTER TABLE blobs DROP COLUMN search_body")
+
+
 #: Schema migrations by the version they produce; each runs inside the schema transaction.
-MIGRATIONS = {2: _migrate_to_2}
+MIGRATIONS = {2: _migrate_to_2, 3: _migrate_to_3}
 
 
 def init_schema(conn: sqlite3.Connection) -> None:
