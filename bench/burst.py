@@ -102,7 +102,7 @@ def postroom_pipeline(path: Path, workers: int) -> tuple[int, int]:
     assert not plan.errors, plan.errors[:3]
     items = [Item(m, rendered[m.key], stable_message_id("bench", m.key, rendered[m.key].sender)) for m in plan.messages]
     n = size = 0
-    for built in produce(path, None, job, items, workers=workers):
+    for built in produce(path, None, job, items, workers=workers, for_smtp=True):
         n += 1
         size += len(built.data)
     return n, size
@@ -195,7 +195,7 @@ def sending(path: Path, messages: int, concurrency: int, tmp: Path, runs: int) -
     plan, rendered = preflight(job, make_plan(scans, templates=job.templates.keys()), path.stem)
     msgs = plan.messages[:messages]
     items = {m.key: Item(m, rendered[m.key], stable_message_id("bench", m.key, rendered[m.key].sender)) for m in msgs}
-    built = list(produce(path, None, job, list(items.values())))
+    built = list(produce(path, None, job, list(items.values()), for_smtp=True))
     avg = sum(len(b.data) for b in built) // len(built)
     port = free_port()
     cmd = [sink, "-c", f"127.0.0.1:{port}", "256"]

@@ -18,6 +18,7 @@ import pytest
 
 from postroom.burst.transport import Envelope, Outcome, Sender, Work, parse_transport
 from postroom.delivery.client import SmtpClient, TransactionResult
+from postroom.delivery.wire import data_payload
 
 
 @dataclass
@@ -115,8 +116,9 @@ async def send_all(mx: PipeliningMX, port: int, envelopes: list[Envelope], concu
     return outcomes
 
 
+@pytest.mark.parametrize("premade", [False, True], ids=["stuffed-by-client", "payload-made-ahead"])
 async def test_every_message_once_with_the_next_one_pipelined(
-    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch
+    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch, premade: bool
 ) -> None:
     server, port = mx
     riding: list[bool] = []
@@ -127,7 +129,10 @@ async def test_every_message_once_with_the_next_one_pipelined(
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(SmtpClient, "transaction", counting)
-    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(40)]
+    envs = [
+        Envelope("billing@x.test", (f"c{n}@x.test",), message(n), payload=data_payload(message(n)) if premade else None)
+        for n in range(40)
+    ]
     outcomes = await send_all(server, port, envs)
     assert sum(riding) >= 30  # most messages' commands went out with the message before
     assert {o.status for o in outcomes.values()} == {"sent"} and len(outcomes) == 40

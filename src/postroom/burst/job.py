@@ -373,7 +373,7 @@ async def _send_smtp(
         kwargs["backoff_base"] = opts.backoff
     snd = Sender(t, password, **kwargs)  # type: ignore[arg-type]
     by_key = {it.msg.key: it for it in todo}
-    source = produce(opts.pdf, pdf_password, job, todo, workers=opts.workers)
+    source = produce(opts.pdf, pdf_password, job, todo, workers=opts.workers, for_smtp=True)
     try:
         async with LedgerWriter(ledger, job_id) as lw:
             with ProgressView("sending", len(todo), fancy=opts.fancy) as pv:
@@ -429,6 +429,7 @@ async def send_built(
             recipients=rcpts,
             data=built.data,
             smtputf8=not all(a.isascii() for a in (*rcpts, sender)),
+            payload=built.payload,
         )
         key = built.key
         tries = 0

@@ -293,10 +293,14 @@ OnSending = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
+    """One message to send. ``payload``: ``data`` in wire form (``delivery.wire.data_payload``) when it was
+    made ahead, off the event loop (the producer does it); otherwise the client makes it when it sends."""
+
     sender: str
     recipients: tuple[str, ...]
     data: bytes
     smtputf8: bool = False
+    payload: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -484,6 +488,7 @@ class Sender:
                 before_data=before_data,
                 sent_head=head,
                 then=then,
+                payload=env.payload,
             )
         except _MarkFailed as exc:  # the client dropped the connection without the final dot
             self._drop(line)

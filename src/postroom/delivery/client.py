@@ -332,6 +332,7 @@ class SmtpClient:
         before_data: Callable[[], Awaitable[None]] | None = None,
         sent_head: Head | None = None,
         then: Callable[[], bytes] | None = None,
+        payload: bytes | None = None,
     ) -> TransactionResult:
         """One mail transaction. Commands are encoded (and addresses checked) before anything is written.
 
@@ -340,6 +341,7 @@ class SmtpClient:
         connection is closed without the final dot (the peer discards the transaction) and the error rises.
         ``sent_head``: this transaction's :meth:`head` already went out (with the previous message).
         ``then``: called right before the message is written; what it returns is written right after it.
+        ``payload``: ``wire.data_payload(message)``, when the caller made it already (off the event loop).
         """
         ext = self.ext
         self.data_started = False
@@ -349,7 +351,7 @@ class SmtpClient:
             rcpt_replies = tuple([await self.read_reply() for _ in range(sent_head.rcpts)])
             data_reply = await self.read_reply(DATA_INIT_TIMEOUT)
             return await self._after_data_command(
-                mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then
+                mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then, payload
             )
         mail = wire.mail_command(
             sender, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8, ret=ret, envid=envid
@@ -385,7 +387,7 @@ class SmtpClient:
                 return TransactionResult(mail_reply, rcpt_replies, None)
             data_reply = await self.command(b"DATA\r\n", DATA_INIT_TIMEOUT)
         return await self._after_data_command(
-            mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then
+            mail_reply, rcpt_replies, data_reply, message, all_or_nothing, before_data, then, payload
         )
 
     async def _after_data_command(
@@ -397,6 +399,7 @@ class SmtpClient:
         all_or_nothing: bool,
         before_data: Callable[[], Awaitable[None]] | None,
         then: Callable[[], bytes] | None,
+        payload: bytes | None,
     ) -> TransactionResult:
         if not mail_reply.positive:
             rcpt_replies = tuple(mail_reply for _ in rcpt_replies)
@@ -422,7 +425,8 @@ class SmtpClient:
             except BaseException:
                 self.close()  # no final dot: the peer discards the transaction (RFC 5321 §4.1.1.4)
                 raise
-        payload = wire.data_payload(message)
+        if payload is None:
+            payload = wire.data_payload(message)
         following = then() if then is not None else b""
         self.data_started = True
         self._write(
