@@ -6,7 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
-from postroom.mime.headers import decode_words, parse_addresses
+from postroom.mime.headers import (
+    _parse_addresses_general,
+    _parse_date_general,
+    decode_words,
+    parse_addresses,
+    parse_date,
+)
 
 MULTI = (
     b'From: "Joe Q." <joe@example.com>\r\n'
@@ -141,3 +147,67 @@ def _header_end_reference(raw: bytes) -> int:
 def test_header_ends_at_the_first_blank_line(parts: list[bytes]) -> None:
     raw = b"".join(parts)
     assert analyze(raw)["header_size"] == _header_end_reference(raw)
+
+
+LINE_PARTS = [b"a", b"Subject: x", b"Content-Type: message/rfc822", b"Content-Type: multipart/x; boundary=B"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*LINE_PARTS, b"\r\n", b"\n", b"\r", b"--B", b"--B--", b""]), max_size=30))
+def test_line_count_is_every_line_of_the_message(parts: list[bytes]) -> None:
+    """``lines`` adds the header's newlines to the body's count when the body was counted: the same as
+    counting the whole message."""
+    raw = b"".join(parts)
+    n = raw.count(b"\n")
+    assert analyze(raw)["lines"] == (n if not raw or raw.endswith(b"\n") else n + 1)
+
+
+ADDRESS_PARTS = ["a", "Bob", "b.c", "x-y", "@", "<", ">", " ", "\t", '"', ",", ":", ";", "(", ")", ".", "é", "\\"]
+
+
+WORD = st.text(alphabet="ab.-_'", min_size=1, max_size=4) | st.text(alphabet='ab."@<>(),:;é', min_size=1, max_size=4)
+GAP = st.sampled_from(["", " ", "  ", "\t", " \t "])
+NAME_ADDR = st.builds(
+    "{}{}{}{}{}@{}{}{}".format,
+    GAP,
+    st.lists(st.tuples(WORD, GAP).map("".join), max_size=3).map(" ".join),
+    GAP,
+    st.sampled_from(["<", ""]),
+    WORD,
+    WORD,
+    st.sampled_from([">", ""]),
+    GAP,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(ADDRESS_PARTS), max_size=14).map("".join) | NAME_ADDR | st.text(max_size=30))
+def test_address_fast_path_agrees_with_the_parser(value: str) -> None:
+    """The fast path for ``a@b`` / ``Name <a@b>`` gives exactly what the general parser gives."""
+    assert parse_addresses(value) == _parse_addresses_general(value)
+
+
+MONTHS = ["Jan", "feb", "MAR", "Dec", "Foo", "Sep"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.builds(
+        "{}{} {} {} {:02d}:{:02d}{} {}{:02d}{:02d}{}".format,
+        st.sampled_from(["", "Thu, ", "Mon,", " "]),
+        st.integers(0, 99),
+        st.sampled_from(MONTHS),
+        st.integers(1000, 9999),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.sampled_from(["", ":00", ":59", ":60", ":99"]),
+        st.sampled_from(["+", "-"]),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.sampled_from(["", " ", " (UTC)"]),
+    )
+    | st.text(max_size=40)
+)
+def test_date_fast_path_agrees_with_the_parser(value: str) -> None:
+    """The fast path for RFC 5322 dates gives exactly what ``email.utils`` gives."""
+    assert parse_date(value) == _parse_date_general(value)

@@ -210,11 +210,15 @@ def analyze(raw: bytes) -> dict[str, Any]:
     fields = parse_fields(raw[:header_end])
     body = _Analyzer(raw).node(0, len(raw), "text/plain", 0, fields)
     first_date = next((v for n, v in fields if n == "date"), None)
+    if "l" in body and len(raw) > header_end:  # the body's lines are counted: add the header's newlines
+        lines = raw.count(b"\n", 0, header_end) + body["l"]
+    else:
+        lines = _count_lines(raw, 0, len(raw))
     return {
         "v": STRUCTURE_VERSION,
         "header_size": header_end,
         "header": raw[:header_end].decode("latin-1"),
-        "lines": _count_lines(raw, 0, len(raw)),
+        "lines": lines,
         "env": envelope(fields),
         "date": parse_date(first_date),
         "fields": [[name, decode_words(value)] for name, value in fields],

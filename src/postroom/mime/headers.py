@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
 import re
 from email.utils import mktime_tz, parsedate_tz
 from typing import Any
@@ -20,6 +21,21 @@ _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([bBqQ])\?([^?\s]*)\?=")
 _EW_GAP = re.compile(r"(\?=)\s+(=\?)")
 
 Address = list[str | None]  # [name, adl, mailbox, host] (RFC 3501 §7.4.2 "address")
+
+# Fast paths for the forms nearly every message uses; anything else takes the general parser, and the
+# tests check that both give the same answer wherever the fast path applies.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_HOST = r"[A-Za-z0-9.-]+"
+_SIMPLE_MAILBOX = re.compile(
+    rf"[ \t]*(?:({_ATEXT})@({_HOST})|(?:({_ATEXT}(?:[ \t]+{_ATEXT})*)[ \t]*)?<({_ATEXT})@({_HOST})>)[ \t]*"
+)
+_SIMPLE_DATE = re.compile(
+    r"[ \t]*(?:[A-Za-z]{3},[ \t]*)?(\d{1,2})[ \t]+([A-Za-z]{3})[ \t]+(\d{4})[ \t]+(\d{2}):(\d{2})(?::(\d{2}))?"
+    r"[ \t]+([+-])(\d{2})(\d{2})[ \t]*"
+)
+_MONTHS = {
+    m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)
+}
 
 
 def parse_fields(block: bytes) -> list[tuple[str, str]]:
@@ -123,6 +139,16 @@ def parse_date(value: str | None) -> float | None:
     """Seconds since the epoch of a Date: value, or None when it does not parse."""
     if not value:
         return None
+    m = _SIMPLE_DATE.fullmatch(value)
+    if m is not None and m.group(2).lower() in _MONTHS:  # "Thu, 26 Nov 2026 12:00:00 +0000" (RFC 5322 §3.3)
+        day, mon, year, hh, mm, ss, sign, oh, om = m.groups()
+        offset = (int(oh) * 3600 + int(om) * 60) * (-1 if sign == "-" else 1)
+        stamp = (int(year), _MONTHS[mon.lower()], int(day), int(hh), int(mm), int(ss or 0), 0, 1, -1)
+        return float(calendar.timegm(stamp) - offset)
+    return _parse_date_general(value)
+
+
+def _parse_date_general(value: str) -> float | None:
     try:
         parsed = parsedate_tz(value)
         if parsed is None:
@@ -203,6 +229,16 @@ def parse_addresses(value: str | None) -> list[Address] | None:
     """An address-list header as ENVELOPE addresses; groups become the RFC 3501 start/end markers."""
     if value is None:
         return None
+    m = _SIMPLE_MAILBOX.fullmatch(value)
+    if m is not None:  # "a@b.c", "<a@b.c>", "Name Words <a@b.c>"
+        if m.group(1) is not None:
+            return [[None, None, m.group(1), m.group(2)]]
+        name = " ".join(m.group(3).split()) if m.group(3) else None
+        return [[name, None, m.group(4), m.group(5)]]
+    return _parse_addresses_general(value)
+
+
+def _parse_addresses_general(value: str) -> list[Address] | None:
     tokens = _tokens(value)
     out: list[Address] = []
     cur: list[str] = []
