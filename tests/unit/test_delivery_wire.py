@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postroom.delivery import wire
@@ -53,6 +53,49 @@ def test_reply_split_anywhere_same_replies(data: st.DataObject) -> None:
 def test_reply_parser_only_remote_error_escapes(junk: bytes) -> None:
     with contextlib.suppress(RemoteProtocolError):
         parse_all([junk])
+
+
+def _reference_replies(stream: bytes) -> list[Reply] | str:
+    """The reply grammar written out line by line, the slow way (what the parser's fast path must match)."""
+    out: list[Reply] = []
+    pending: list[str] = []
+    code = 0
+    for raw in [x + b"\n" for x in stream.split(b"\n")[:-1]]:  # the last piece is incomplete: it waits
+        if len(raw) > wire.MAX_REPLY_LINE:
+            return "error"
+        line = raw.rstrip(b"\r\n")
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+            return "error"
+        if not 200 <= int(line[:3]) <= 599 or (pending and int(line[:3]) != code):
+            return "error"
+        code = int(line[:3])
+        pending.append(line[4:].decode("utf-8", "replace"))
+        if line[3:4] != b"-":
+            out.append(Reply(code, tuple(pending)))
+            pending = []
+    return out
+
+
+REPLY_PARTS = [b"250", b"354", b"199", b"600", b"25", b" ", b"-", b"ok ", b" 2.0.0", b"\r", b"\n", b"\r\n", b"\xc3\xa9"]
+
+
+REPLY_LINE = st.tuples(
+    st.sampled_from([b"250", b"354", b"421", b"199", b"600", b"2x0", b"25"]),
+    st.sampled_from([b" ", b"-", b"", b"x"]),
+    st.binary(max_size=8) | st.sampled_from([b"ok", b" ok ", b"2.0.0 queued", b"a\rb"]),
+    st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b""]),
+).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(REPLY_PARTS), max_size=30) | st.lists(REPLY_LINE, max_size=6))
+def test_reply_parser_agrees_with_the_grammar(parts: list[bytes]) -> None:
+    stream = b"".join(parts)
+    try:
+        got: list[Reply] | str = parse_all([stream])
+    except RemoteProtocolError:
+        got = "error"
+    assert got == _reference_replies(stream)
 
 
 def test_reply_parser_bounds() -> None:

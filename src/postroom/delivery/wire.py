@@ -31,6 +31,9 @@ MAX_PARAM = 500  # octets of one ENVID/ORCPT parameter value, RFC 3461 §4.4/§4
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _LINE_ENDS = re.compile(rb"\r\n|\r|\n")
+#: A well-formed reply line (code 200-599, separator, text without CR/LF, line end); others take the
+#: general path in ``ReplyParser.next_reply``, which also gives the errors.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])([^\r\n]*))?\r*\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,51 +72,67 @@ class Reply:
 
 
 class ReplyParser:
-    """Feed received bytes, take complete replies. Bytes after the last complete reply stay buffered."""
+    """Feed received bytes, take complete replies. Bytes after the last complete reply stay buffered.
+
+    Complete lines are consumed by moving ``_pos``; the buffer is compacted when it runs out of lines,
+    not once per line."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._pos = 0  # start of the first unconsumed octet in _buf
         self._pending: list[str] = []
         self._code = 0
 
     @property
     def buffered(self) -> int:
         """Octets received and not yet part of a returned reply (incl. a started multi-line reply)."""
-        return len(self._buf) + sum(len(x) for x in self._pending)
+        return len(self._buf) - self._pos + sum(len(x) for x in self._pending)
 
     def discard(self) -> None:
         """Forget everything buffered (called after ``220`` to STARTTLS, RFC 3207 §4.2)."""
         self._buf.clear()
+        self._pos = 0
         self._pending.clear()
         self._code = 0
 
     def feed(self, data: bytes) -> None:
         self._buf.extend(data)
-        if len(self._buf) > MAX_REPLY_LINE and self._buf.find(b"\n", 0, MAX_REPLY_LINE + 1) < 0:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos > MAX_REPLY_LINE and buf.find(b"\n", pos, pos + MAX_REPLY_LINE + 1) < 0:
             raise RemoteProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
 
     def next_reply(self) -> Reply | None:
         """The next complete reply, or None when more bytes are needed."""
+        buf = self._buf
         while True:
-            end = self._buf.find(b"\n")
+            pos = self._pos
+            end = buf.find(b"\n", pos)
             if end < 0:
+                if pos:
+                    del buf[:pos]
+                    self._pos = 0
                 return None
-            if end + 1 > MAX_REPLY_LINE:
+            if end + 1 - pos > MAX_REPLY_LINE:
                 raise RemoteProtocolError(f"reply line longer than {MAX_REPLY_LINE} octets")
-            line = bytes(self._buf[: end + 1]).rstrip(b"\r\n")
-            del self._buf[: end + 1]
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
-            code = int(line[:3])
-            if not 200 <= code <= 599:
-                raise RemoteProtocolError(f"reply code {code} out of range")
+            self._pos = end + 1
+            m = _REPLY_LINE.fullmatch(buf, pos, end + 1)
+            if m is not None:
+                code, more, text = int(m[1]), m[2] == b"-", m[3] or b""
+            else:
+                line = bytes(buf[pos : end + 1]).rstrip(b"\r\n")
+                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                    raise RemoteProtocolError(f"malformed reply line {line[:40]!r}")
+                code = int(line[:3])
+                if not 200 <= code <= 599:
+                    raise RemoteProtocolError(f"reply code {code} out of range")
+                more, text = line[3:4] == b"-", line[4:]
             if self._pending and code != self._code:
                 raise RemoteProtocolError("reply code changed inside a multi-line reply")
             self._code = code
-            self._pending.append(line[4:].decode("utf-8", "replace"))
+            self._pending.append(text.decode("utf-8", "replace"))
             if len(self._pending) > MAX_REPLY_LINES:
                 raise RemoteProtocolError(f"reply longer than {MAX_REPLY_LINES} lines")
-            if line[3:4] != b"-":
+            if not more:
                 reply = Reply(code, tuple(self._pending))
                 self._pending = []
                 return reply
