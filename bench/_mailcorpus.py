@@ -1,4 +1,4 @@
-"""What the IMAP and POP3 load benchmarks share: the mail corpus, Postroom set-up, and process helpers.
+"""What the IMAP and POP3 load benchmarks share: the mail corpus, Postroom and Dovecot set-up, process helpers.
 
 Both benchmarks give Postroom and Dovecot the same ``users`` x ``messages`` corpus (4.5-5.7 KB messages,
 CRLF, seeded so every run and both benchmarks see the same bytes). Only 127.0.0.1 is used.
@@ -178,3 +178,112 @@ def stop_dovecot(pid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
+
+
+def dovecot_unavailable(anchors: Path) -> str | None:
+    """Why the Dovecot peer cannot run here (not installed, not root, no anchor configs), or None."""
+    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
+        return "dovecot not installed"
+    if os.geteuid() != 0:
+        return "dovecot needs root to start its mail processes"
+    if not (anchors / "dovecot.conf").exists() or not (anchors / "dovecot-perf.conf").exists():
+        return f"no Dovecot anchor configs in {anchors}"
+    return None
+
+
+def write_dovecot_users(base: Path, users: int) -> Path:
+    """The passwd-file of the corpus users (``userNN``, the benchmark password), readable by Dovecot."""
+    for d in (base.parent, base):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
+    users_file = base / "users"
+    users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
+    users_file.chmod(0o644)
+    return users_file
+
+
+def write_maildirs(mail: Path, users: int, messages: int) -> None:
+    """The corpus as one Maildir++ per user, owned by the mail user: LF line ends, as Maildir stores them
+    (Dovecot sends CRLF), and the S= (physical) and W= (virtual, CRLF) sizes in the file names that
+    Dovecot's performance guides advise."""
+    shutil.rmtree(mail, ignore_errors=True)
+    host = socket.gethostname()
+    for u in range(1, users + 1):
+        md = mail / f"user{u:02d}" / "Maildir"
+        for sub in ("cur", "new", "tmp"):
+            (md / sub).mkdir(parents=True)
+        now = int(time.time())
+        for n, raw in enumerate(corpus(u, messages)):
+            data = raw.replace(b"\r\n", b"\n")
+            (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
+    _, _, uid, gid = mail_owner()
+    subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
+    mail.chmod(0o755)
+
+
+def write_dovecot_conf(
+    anchors: Path, base: Path, *, protocol: str, variant: str, port: int, users_file: Path, mail: Path
+) -> Path | str:
+    """The anchors' ``dovecot.conf`` rewritten for one self-contained instance: only ``protocol`` ("imap" or
+    "pop3") on 127.0.0.1:``port``, its own base_dir (``base/run-VARIANT``), log and instance name, the
+    corpus users and Maildirs. For ``variant`` "perf" the anchors' ``dovecot-perf.conf`` is laid over it.
+    Returns the config to start, or why the anchors no longer fit."""
+    user, group, uid, _ = mail_owner()
+    run = base / f"run-{variant}"
+    run.mkdir(parents=True, exist_ok=True)
+    run.chmod(0o755)
+    other = {"imap": "port = 10110", "pop3": "port = 10143"}[protocol]
+    mine = {"imap": "port = 10143", "pop3": "port = 10110"}[protocol]
+    conf = (anchors / "dovecot.conf").read_text()
+    replacements = {
+        "protocols = imap pop3": f"protocols = {protocol}",
+        "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
+        "instance_name = dovecot-bench": f"instance_name = dovecot-bench-{protocol}-{variant}",
+        "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot-{variant}.log",
+        "/etc/dovecot-bench/users": str(users_file),
+        "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
+        mine: f"port = {port}",
+        other: "port = 0",
+    }
+    for old, new in replacements.items():
+        if old not in conf:
+            return f"anchor dovecot.conf changed: {old!r} not found"
+        conf = conf.replace(old, new)
+    if uid < 5000:
+        conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
+    stock = base / f"dovecot-{variant}-base.conf"
+    stock.write_text(conf)
+    if variant != "perf":
+        return stock
+    perf = base / "dovecot-perf.conf"
+    overlay = (anchors / "dovecot-perf.conf").read_text()
+    perf.write_text(overlay.replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}"))
+    return perf
+
+
+def _dovecot_text(conf: Path) -> str:
+    """The config text with ``!include`` lines expanded (one level: the perf config includes its base)."""
+    lines = []
+    for line in conf.read_text().splitlines():
+        lines.append(Path(line.split(None, 1)[1]).read_text() if line.startswith("!include") else line)
+    return "\n".join(lines)
+
+
+def dovecot_port(conf: Path) -> int:
+    ports = [line.split("=")[1].strip() for line in _dovecot_text(conf).splitlines() if "port = " in line]
+    return next(int(p) for p in ports if p != "0")
+
+
+def start_dovecot(conf: Path, greeting: bytes) -> int:
+    """Start Dovecot with ``conf`` (it daemonizes) and wait for its greeting; returns the master's pid."""
+    subprocess.run(["dovecot", "-c", str(conf)], check=True)
+    base_dir = next(
+        line.split("=", 1)[1].strip() for line in _dovecot_text(conf).splitlines() if line.startswith("base_dir")
+    )
+    pidfile = Path(base_dir) / "master.pid"
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text().strip())
+    wait_port(dovecot_port(conf), None, greeting)
+    return pid

@@ -28,8 +28,6 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,14 +41,16 @@ from _mailcorpus import (  # the shared corpus and process helpers: bench/_mailc
     PASSWORD,
     ROOT,
     SEED,
-    corpus,
+    dovecot_unavailable,
     free_port,
-    mail_owner,
     prepare_postroom,
+    start_dovecot,
     start_postroom,
     stop,
     stop_dovecot,
-    wait_port,
+    write_dovecot_conf,
+    write_dovecot_users,
+    write_maildirs,
 )
 from _proc import server_cpu  # bench/_proc.py
 
@@ -63,78 +63,29 @@ GREETING = b"* OK"
 
 # -- Dovecot -------------------------------------------------------------------------------------
 def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Path, int] | str:
-    """Write the Maildirs and both configs. Returns (stock conf, perf conf, port) or why it is skipped."""
-    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
-        return "dovecot not installed"
-    if os.geteuid() != 0:
-        return "dovecot needs root to start its mail processes"
-    stock_src, perf_src = anchors / "dovecot.conf", anchors / "dovecot-perf.conf"
-    if not stock_src.exists() or not perf_src.exists():
-        return f"no Dovecot anchor configs in {anchors}"
-    user, group, uid, gid = mail_owner()
+    """Write the Maildirs and both configs (one port: the variants run one after the other). Returns
+    (stock conf, perf conf, port) or why it is skipped."""
+    why = dovecot_unavailable(anchors)
+    if why is not None:
+        return why
     base = OUT / f"dovecot-{users}x{messages}"
+    users_file, mail = write_dovecot_users(base, users), base / "vmail"
     port = free_port()
-    mail = base / "vmail"
-    run = base / "run"
-    for d in (OUT, base, run):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o755)
-    users_file = base / "users"
-    users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
-    users_file.chmod(0o644)
-    conf = stock_src.read_text()
-    replacements = {
-        "protocols = imap pop3": "protocols = imap",
-        "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
-        "instance_name = dovecot-bench": "instance_name = dovecot-bench-imap",
-        "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot.log",
-        "/etc/dovecot-bench/users": str(users_file),
-        "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
-        "port = 10143": f"port = {port}",
-        "port = 10110": "port = 0",
-    }
-    for old, new in replacements.items():
-        if old not in conf:
-            return f"anchor dovecot.conf changed: {old!r} not found"
-        conf = conf.replace(old, new)
-    if uid < 5000:
-        conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
-    stock = base / "dovecot.conf"
-    stock.write_text(conf)
-    perf_text = perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
-    perf = base / "dovecot-perf.conf"
-    perf.write_text(perf_text)
+    confs = {}
+    for variant in ("stock", "perf"):
+        conf = write_dovecot_conf(
+            anchors, base, protocol="imap", variant=variant, port=port, users_file=users_file, mail=mail
+        )
+        if isinstance(conf, str):
+            return conf
+        confs[variant] = conf
     marker = base / "complete"
     if not marker.exists():
         t0 = time.monotonic()
-        shutil.rmtree(mail, ignore_errors=True)
-        host = socket.gethostname()
-        for u in range(1, users + 1):
-            md = mail / f"user{u:02d}" / "Maildir"
-            for sub in ("cur", "new", "tmp"):
-                (md / sub).mkdir(parents=True)
-            now = int(time.time())
-            for n, raw in enumerate(corpus(u, messages)):
-                data = raw.replace(b"\r\n", b"\n")  # Maildir stores LF; Dovecot sends CRLF
-                # Maildir++ S= (physical) and W= (virtual, CRLF) sizes: what Dovecot's perf guides advise.
-                (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
-        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
-        mail.chmod(0o755)
+        write_maildirs(mail, users, messages)
         marker.write_text("ok\n")
         print(f"  dovecot maildirs: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
-    return stock, perf, port
-
-
-def start_dovecot(conf: Path, port: int) -> int:
-    """Start Dovecot (it daemonizes); returns the master's pid."""
-    subprocess.run(["dovecot", "-c", str(conf)], check=True)
-    pidfile = conf.parent / "run" / "master.pid"
-    deadline = time.monotonic() + 30
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid = int(pidfile.read_text().strip())
-    wait_port(port, None, GREETING)
-    return pid
+    return confs["stock"], confs["perf"], port
 
 
 def index_dovecot(conf: Path) -> None:
@@ -431,7 +382,7 @@ def main() -> int:
             stock_conf, perf_conf, dport = prepared
             for variant in variants:
                 try:
-                    pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, dport)
+                    pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, GREETING)
                 except (OSError, RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
                     print(f"  dovecot-{variant} skipped: could not start it ({exc})", flush=True)
                     continue

@@ -25,8 +25,6 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,14 +38,17 @@ from _mailcorpus import (  # the shared corpus and process helpers: bench/_mailc
     PASSWORD,
     ROOT,
     SEED,
-    corpus,
+    dovecot_port,
+    dovecot_unavailable,
     free_port,
-    mail_owner,
     prepare_postroom,
+    start_dovecot,
     start_postroom,
     stop,
     stop_dovecot,
-    wait_port,
+    write_dovecot_conf,
+    write_dovecot_users,
+    write_maildirs,
 )
 
 OUT = ROOT / "bench" / "out" / "pop3"
@@ -60,71 +61,24 @@ GREETING = b"+OK"
 def prepare_dovecot(anchors: Path, users: int, messages: int, variants: list[str]) -> dict[str, Path] | str:
     """Write the Maildirs and one config per variant (own port, base_dir and log, so the variants can run
     side by side with Postroom and the runs can be interleaved). Returns variant → config, or why skipped."""
-    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
-        return "dovecot not installed"
-    if os.geteuid() != 0:
-        return "dovecot needs root to start its mail processes"
-    stock_src, perf_src = anchors / "dovecot.conf", anchors / "dovecot-perf.conf"
-    if not stock_src.exists() or not perf_src.exists():
-        return f"no Dovecot anchor configs in {anchors}"
-    user, group, uid, gid = mail_owner()
+    why = dovecot_unavailable(anchors)
+    if why is not None:
+        return why
     base = OUT / f"dovecot-{users}x{messages}"
-    mail = base / "vmail"
-    for d in (OUT, base):
-        d.mkdir(parents=True, exist_ok=True)
-        d.chmod(0o755)
-    users_file = base / "users"
-    users_file.write_text("".join(f"user{u:02d}:{{PLAIN}}{PASSWORD}::::::\n" for u in range(1, users + 1)))
-    users_file.chmod(0o644)
+    users_file, mail = write_dovecot_users(base, users), base / "vmail"
     confs: dict[str, Path] = {}
     for variant in dict.fromkeys(["stock", *variants]):
-        run = base / f"run-{variant}"
-        run.mkdir(exist_ok=True)
-        run.chmod(0o755)
-        conf = stock_src.read_text()
-        replacements = {
-            "protocols = imap pop3": "protocols = pop3",
-            "base_dir = /run/dovecot-bench/": f"base_dir = {run}/",
-            "instance_name = dovecot-bench": f"instance_name = dovecot-bench-pop3-{variant}",
-            "log_path = /var/log/dovecot-bench.log": f"log_path = {base}/dovecot-{variant}.log",
-            "/etc/dovecot-bench/users": str(users_file),
-            "uid=vmail gid=vmail home=/var/vmail-imap/%u": f"uid={user} gid={group} home={mail}/%u",
-            "port = 10110": f"port = {free_port()}",
-            "port = 10143": "port = 0",
-        }
-        for old, new in replacements.items():
-            if old not in conf:
-                return f"anchor dovecot.conf changed: {old!r} not found"
-            conf = conf.replace(old, new)
-        if uid < 5000:
-            conf = conf.replace("first_valid_uid = 5000", f"first_valid_uid = {uid}")
-        stock = base / f"dovecot-{variant}-base.conf"
-        stock.write_text(conf)
-        if variant == "perf":
-            perf = base / "dovecot-perf.conf"
-            perf.write_text(
-                perf_src.read_text().replace("!include /etc/dovecot-bench/dovecot.conf", f"!include {stock}")
-            )
-            confs[variant] = perf
-        else:
-            confs[variant] = stock
+        conf = write_dovecot_conf(
+            anchors, base, protocol="pop3", variant=variant, port=free_port(), users_file=users_file, mail=mail
+        )
+        if isinstance(conf, str):
+            return conf
+        confs[variant] = conf
     marker = base / "complete"
     if not marker.exists():
         t0 = time.monotonic()
-        shutil.rmtree(mail, ignore_errors=True)
-        host = socket.gethostname()
-        for u in range(1, users + 1):
-            md = mail / f"user{u:02d}" / "Maildir"
-            for sub in ("cur", "new", "tmp"):
-                (md / sub).mkdir(parents=True)
-            now = int(time.time())
-            for n, raw in enumerate(corpus(u, messages)):
-                data = raw.replace(b"\r\n", b"\n")  # Maildir stores LF; Dovecot sends CRLF
-                # Maildir++ S= (physical) and W= (virtual, CRLF) sizes: what Dovecot's perf guides advise.
-                (md / "cur" / f"{now}.M{n}P1.{host},S={len(data)},W={len(raw)}:2,").write_bytes(data)
-        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(mail)], check=True)
-        mail.chmod(0o755)
-        pid = start_dovecot(confs["stock"])  # doveadm asks the running instance's auth for the user list
+        write_maildirs(mail, users, messages)
+        pid = start_dovecot(confs["stock"], GREETING)  # doveadm asks the running instance's auth for the users
         try:
             res = subprocess.run(
                 ["doveadm", "-c", str(confs["stock"]), "index", "-A", "INBOX"],
@@ -139,34 +93,6 @@ def prepare_dovecot(anchors: Path, users: int, messages: int, variants: list[str
         marker.write_text("ok\n")
         print(f"  dovecot maildirs: {users} x {messages} messages in {time.monotonic() - t0:.1f} s", flush=True)
     return {v: confs[v] for v in variants}
-
-
-def _dovecot_text(conf: Path) -> str:
-    """The config text with ``!include`` lines expanded (one level: the perf config includes its base)."""
-    lines = []
-    for line in conf.read_text().splitlines():
-        lines.append(Path(line.split(None, 1)[1]).read_text() if line.startswith("!include") else line)
-    return "\n".join(lines)
-
-
-def dovecot_port(conf: Path) -> int:
-    ports = [line.split("=")[1].strip() for line in _dovecot_text(conf).splitlines() if "port = " in line]
-    return next(int(p) for p in ports if p != "0")
-
-
-def start_dovecot(conf: Path) -> int:
-    """Start Dovecot (it daemonizes); returns the master's pid."""
-    subprocess.run(["dovecot", "-c", str(conf)], check=True)
-    base_dir = next(
-        line.split("=", 1)[1].strip() for line in _dovecot_text(conf).splitlines() if line.startswith("base_dir")
-    )
-    pidfile = Path(base_dir) / "master.pid"
-    deadline = time.monotonic() + 30
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pid = int(pidfile.read_text().strip())
-    wait_port(dovecot_port(conf), None, GREETING)
-    return pid
 
 
 # -- the load generator --------------------------------------------------------------------------
@@ -412,7 +338,7 @@ def main() -> int:
         targets = [Target("postroom", port, [f"user{u:02d}@{DOMAIN}" for u in range(1, args.users + 1)])]
         for variant, conf in dovecot.items():
             try:
-                pids.append(start_dovecot(conf))
+                pids.append(start_dovecot(conf, GREETING))
             except (OSError, RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
                 print(f"  dovecot-{variant} skipped: it did not start ({exc})", flush=True)
                 continue
