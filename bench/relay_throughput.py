@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from _postfix import master_cf  # noqa: E402  (bench/_postfix.py)
 from dnslib import QTYPE, RCODE, RR, DNSRecord  # noqa: E402
 from dnslib.server import DNSLogger, DNSServer  # noqa: E402
 
@@ -210,30 +211,6 @@ maillog_file = {root}/postfix.log
 maillog_file_prefixes = {root}
 """
 
-POSTFIX_MASTER = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
 
 def postconf(name: str) -> str:
     return subprocess.run(["postconf", "-d", "-h", name], capture_output=True, text=True, check=True).stdout.strip()
@@ -271,7 +248,7 @@ def postfix_instance(root: Path, sink_port: int, domains: int) -> tuple[subproce
         )
     )
     port = free_port()
-    (etc / "master.cf").write_text(f"127.0.0.1:{port} inet n - n - - smtpd\n" + POSTFIX_MASTER)
+    (etc / "master.cf").write_text(master_cf(f"127.0.0.1:{port} inet n - n - - smtpd"))
     proc = subprocess.Popen([f"{daemon_directory}/master", "-c", str(etc), "-d"], start_new_session=True)
     wait_port(port, proc)
     return proc, port, spool

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _postfix import master_cf  # bench/_postfix.py
 from _proc import server_cpu  # bench/_proc.py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,33 +274,6 @@ maillog_file_prefixes = {work}
 maillog_file = {work}/postfix.log
 """
 
-POSTFIX_SERVICES = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
 
 class PostfixPeer(Peer):
     """A private Postfix instance (``postfix -c DIR``) with the anchors' settings; root only."""
@@ -329,7 +303,7 @@ class PostfixPeer(Peer):
         self.port = free_port()
         (w / "etc" / "main.cf").write_text(POSTFIX_MAIN.format(work=w, uid=vm.pw_uid, gid=vm.pw_gid))
         smtpd = f"127.0.0.1:{self.port} inet n  -       n       -       -       smtpd\n"
-        (w / "etc" / "master.cf").write_text(smtpd + POSTFIX_SERVICES)
+        (w / "etc" / "master.cf").write_text(master_cf(smtpd))
         (w / "etc" / "vmailbox").write_text(f"{RCPT} {DOMAIN}/bench/\n")
         conf = ["-c", str(w / "etc")]
         subprocess.run(["postmap", *conf, str(w / "etc" / "vmailbox")], check=True, capture_output=True)

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +34,9 @@ from postroom.delivery.routing import Lookup, NoSuchDomain
 from postroom.delivery.runner import QueueRunner
 from postroom.store.api import OutboundEnvelope, OutboundRecipient
 from postroom.store.sqlite import open_store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the benchmarks' Postfix service table
+from _postfix import master_cf
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -138,7 +142,7 @@ def postfix_mx(tls_files: tuple[Path, Path]) -> Iterator[tuple[int, Path]]:
                 key=key,
             )
         )
-        (etc / "master.cf").write_text(f"127.0.0.1:{port} inet n - n - - smtpd\n" + _MASTER_CF)
+        (etc / "master.cf").write_text(master_cf(f"127.0.0.1:{port} inet n - n - - smtpd"))
         proc = subprocess.Popen([f"{daemon_directory}/master", "-c", str(etc), "-d"], start_new_session=True)
         deadline = time.monotonic() + 20
         while True:  # wait until smtpd accepts connections (bounded)
@@ -159,33 +163,6 @@ def postfix_mx(tls_files: tuple[Path, Path]) -> Iterator[tuple[int, Path]]:
                 proc.kill()
                 proc.wait(5)
         shutil.rmtree(root, ignore_errors=True)
-
-
-_MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
 
 
 class ToLoopback(Lookup):
