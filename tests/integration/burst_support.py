@@ -11,6 +11,7 @@ import asyncio
 import email
 import io
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,12 @@ def write_job(directory: Path, sender: str = "billing@example.test", extra: str 
     p = directory / "burst.toml"
     p.write_text(JOB_TOML.format(sender=sender) + extra)
     return p
+
+
+def burst_command(pdf: Path, job: Path, url: str, out: Path, *extra: str) -> list[str]:
+    """The ``postroom burst`` command line the tests run as a child process (to kill or interrupt it)."""
+    return [sys.executable, "-m", "postroom.burst", str(pdf), "--config", str(job), "--transport", url,
+            "--out", str(out), "--plain", *extra]  # fmt: skip
 
 
 def parse(raw: bytes) -> EmailMessage:

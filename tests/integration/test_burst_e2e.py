@@ -12,13 +12,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from burst_support import Customer, expected_titles, make_report, parse, pdf_page_titles, write_job
+from burst_support import Customer, burst_command, expected_titles, make_report, parse, pdf_page_titles, write_job
 
 from conftest import RunningServer
 from postroom.auth.passwords import hash_password
@@ -88,19 +87,7 @@ def test_300_pages_100_customers_through_postroom_submission_with_kill_and_rerun
         f"smtp+starttls://billing%40example.test@127.0.0.1:{srv.ports['submission']}?cafile={srv.cafile}&concurrency=4"
     )
     env = dict(os.environ, POSTROOM_SMTP_PASSWORD="burst pw")
-    cmd = [
-        sys.executable,
-        "-m",
-        "postroom.burst",
-        str(pdf),
-        "--config",
-        str(job),
-        "--transport",
-        url,
-        "--out",
-        str(out),
-        "--plain",
-    ]
+    cmd = burst_command(pdf, job, url, out)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + DEADLINE

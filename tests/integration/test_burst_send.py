@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from aiosmtpd.smtp import Envelope
 from burst_support import (
     Customer,
     Sink,
+    burst_command,
     customers,
     expected_titles,
     make_report,
@@ -161,19 +161,7 @@ def test_sigkill_midway_then_rerun_sends_the_rest_without_duplicates(tmp_path: P
     # The 13th message is committed by the server, but its reply is held: the burst dies waiting for it.
     sink.hold_after = 12
     url = f"smtp://127.0.0.1:{sink.port}?concurrency=1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "postroom.burst",
-        str(pdf),
-        "--config",
-        str(job),
-        "--transport",
-        url,
-        "--out",
-        str(out),
-        "--plain",
-    ]
+    cmd = burst_command(pdf, job, url, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: len(sink.messages()) >= 13, proc)
@@ -200,21 +188,7 @@ def test_sigkill_with_concurrency_never_duplicates(tmp_path: Path, sink: Sink) -
     job = write_job(tmp_path)
     out = tmp_path / "out"
     url = f"smtp://127.0.0.1:{sink.port}?concurrency=4"
-    cmd = [
-        sys.executable,
-        "-m",
-        "postroom.burst",
-        str(pdf),
-        "--config",
-        str(job),
-        "--transport",
-        url,
-        "--out",
-        str(out),
-        "--plain",
-        "--workers",
-        "2",
-    ]
+    cmd = burst_command(pdf, job, url, out, "--workers", "2")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: len(sink.messages()) >= 20, proc)
@@ -321,8 +295,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path: Path, sink: Sink) -> 
     out = tmp_path / "out"
     sink.hold_after = 5
     url = f"smtp://127.0.0.1:{sink.port}?concurrency=1"
-    cmd = [sys.executable, "-m", "postroom.burst", str(pdf), "--config", str(job), "--transport", url,
-           "--out", str(out), "--plain"]  # fmt: skip
+    cmd = burst_command(pdf, job, url, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: len(sink.messages()) >= 6, proc)
