@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from postroom.burst.express import Express
 from postroom.burst.transport import Envelope, Outcome, Sender, Work, parse_transport
 from postroom.delivery.client import SmtpClient, TransactionResult
 from postroom.delivery.wire import data_payload
@@ -27,6 +28,7 @@ class PipeliningMX:
 
     rcpt_reply: Callable[[str], bytes] = lambda _a: b"250 2.1.5 ok"
     final_reply: Callable[[bytes], bytes] = lambda _m: b"250 2.0.0 queued"
+    drop_when: Callable[[bytes], bool] = lambda _m: False  # close without a reply after this message's data
     received: list[tuple[tuple[str, ...], bytes]] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     connections: int = 0
@@ -57,11 +59,17 @@ class PipeliningMX:
                         continue
                     writer.write(b"354 go ahead\r\n")
                     data = await reader.readuntil(b"\r\n.\r\n")
+                    if self.drop_when(data):
+                        writer.transport.abort()
+                        return
                     reply = self.final_reply(data)
                     if reply.startswith(b"2"):
                         self.received.append((tuple(rcpts), data))
                     writer.write(reply + b"\r\n")
                     ok = False
+                    if reply.startswith(b"421"):
+                        await writer.drain()
+                        return
                 elif verb == b"RSET":
                     rcpts, ok = [], False
                     writer.write(b"250 2.0.0 ok\r\n")
@@ -105,7 +113,13 @@ async def send_all(mx: PipeliningMX, port: int, envelopes: list[Envelope], concu
             outcomes[n] = outcome
 
         queue.append(Work(env, mark, done))
-    queue.reverse()
+    await run_works(snd, queue)
+    return outcomes
+
+
+async def run_works(snd: Sender, works: list[Work]) -> None:
+    """Run :meth:`Sender.run` over ``works`` in order, then close the sender."""
+    queue = works[::-1]
 
     async def take() -> Work | None:
         await asyncio.sleep(0)
@@ -113,22 +127,30 @@ async def send_all(mx: PipeliningMX, port: int, envelopes: list[Envelope], concu
 
     await snd.run(take, lambda: queue.pop() if queue else None)
     await snd.close()
-    return outcomes
 
 
+@pytest.mark.parametrize("lane", ["coroutine", "express"])
 @pytest.mark.parametrize("premade", [False, True], ids=["stuffed-by-client", "payload-made-ahead"])
 async def test_every_message_once_with_the_next_one_pipelined(
-    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch, premade: bool
+    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch, premade: bool, lane: str
 ) -> None:
     server, port = mx
     riding: list[bool] = []
     original = SmtpClient.transaction
+    original_head = Express._send_head
 
     async def counting(self: SmtpClient, *args: Any, **kwargs: Any) -> TransactionResult:
         riding.append(kwargs.get("sent_head") is not None)
         return await original(self, *args, **kwargs)
 
+    def counting_head(self: Express, work: Work, before: bytes) -> bool:
+        riding.append(bool(before))  # a command group behind the previous message's data
+        return original_head(self, work, before)
+
     monkeypatch.setattr(SmtpClient, "transaction", counting)
+    monkeypatch.setattr(Express, "_send_head", counting_head)
+    if lane == "coroutine":
+        monkeypatch.setattr(Sender, "_express_ok", lambda *_: False)
     envs = [
         Envelope("billing@x.test", (f"c{n}@x.test",), message(n), payload=data_payload(message(n)) if premade else None)
         for n in range(40)
@@ -212,3 +234,104 @@ def _mark(n: int) -> Callable[[], Awaitable[None]]:
             raise OSError("ledger disk full")
 
     return mark
+
+
+# -- the express lane (burst/express.py): what it must hand over, and how ---------------------------------
+def sent_once(server: PipeliningMX, expected: set[int]) -> None:
+    got = Counter(int(rcpts[0][1:].split("@")[0]) for rcpts, _ in server.received)
+    assert set(got) == expected and all(v == 1 for v in got.values()), got
+
+
+async def test_express_connection_lost_during_data_is_unknown_and_the_next_starts_over(
+    mx: tuple[PipeliningMX, int],
+) -> None:
+    server, port = mx
+    dropped: list[int] = []
+
+    def drop(data: bytes) -> bool:
+        if b"body 6\r\n" in data and not dropped:
+            dropped.append(6)
+            return True
+        return False
+
+    server.drop_when = drop
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(14)]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert outcomes[6].status == "unknown" and "during DATA" in outcomes[6].reply
+    assert all(outcomes[n].status == "sent" for n in range(14) if n != 6)
+    sent_once(server, set(range(14)) - {6})  # 7's group was on the wire: it started over, once
+    assert server.connections == 2
+
+
+async def test_express_hands_a_refused_recipient_to_the_coroutine_path(mx: tuple[PipeliningMX, int]) -> None:
+    server, port = mx
+    server.rcpt_reply = lambda a: b"550 5.1.1 no such user" if a == "c5@x.test" else b"250 2.1.5 ok"
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(12)]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert outcomes[5].status == "failed" and outcomes[5].reply.startswith("550 5.1.1")
+    assert all(outcomes[n].status == "sent" for n in range(12) if n != 5)
+    sent_once(server, set(range(12)) - {5})
+    assert server.connections == 1  # a refusal is no reason to reconnect
+
+
+async def test_express_421_to_the_final_dot_reconnects_and_retries(mx: tuple[PipeliningMX, int]) -> None:
+    server, port = mx
+    closed: list[int] = []
+
+    def final(data: bytes) -> bytes:
+        if b"body 4\r\n" in data and not closed:
+            closed.append(4)
+            return b"421 4.3.2 closing"
+        return b"250 2.0.0 queued"
+
+    server.final_reply = final
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(10)]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert {o.status for o in outcomes.values()} == {"sent"} and len(outcomes) == 10
+    sent_once(server, set(range(10)))
+    assert server.connections == 2
+
+
+async def test_express_ends_connections_after_messages_per_connection(
+    mx: tuple[PipeliningMX, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from postroom.burst import transport
+
+    monkeypatch.setattr(transport, "MESSAGES_PER_CONNECTION", 4)
+    server, port = mx
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(20)]
+    outcomes = await send_all(server, port, envs, concurrency=1)
+    assert {o.status for o in outcomes.values()} == {"sent"} and len(outcomes) == 20
+    sent_once(server, set(range(20)))
+    assert server.connections == 5
+    assert [line[:4] for line in server.lines].count(b"QUIT") >= 4  # ended politely, not dropped
+
+
+async def test_express_writes_data_only_after_a_ready_mark(mx: tuple[PipeliningMX, int]) -> None:
+    """``mark_now``: a mark already durable lets the data go at once; one not yet durable is awaited."""
+    server, port = mx
+    snd = Sender(parse_transport(f"smtp://127.0.0.1:{port}?concurrency=1"), None)
+    envs = [Envelope("billing@x.test", (f"c{n}@x.test",), message(n)) for n in range(16)]
+    calls: Counter[str] = Counter()
+    queue: list[Work] = []
+    for n, env in enumerate(envs):
+
+        def before(env: Envelope = env) -> None:
+            assert all(data != env.data for _, data in server.received), "message data before its mark"
+
+        async def slow(env: Envelope = env) -> None:
+            await asyncio.sleep(0.001)
+            before(env)
+            calls["awaited"] += 1
+
+        def now(env: Envelope = env, n: int = n) -> bool:
+            before(env)
+            if n % 3 == 0:
+                return False  # not durable yet: on_sending is awaited
+            calls["now"] += 1
+            return True
+
+        queue.append(Work(env, slow, lambda _o: None, now))
+    await run_works(snd, queue)
+    sent_once(server, set(range(16)))
+    assert calls["now"] >= 8 and calls["awaited"] >= 4

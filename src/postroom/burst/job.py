@@ -443,13 +443,22 @@ async def send_built(
                 await lw.update(key, "sending", "")
             lw.started(key)
 
+        def mark_now() -> bool:
+            """The first attempt's mark, when its commit is already done (the usual case: marks run ahead)."""
+            nonlocal tries
+            if tries or not marked.done() or marked.cancelled() or marked.exception() is not None:
+                return False
+            tries = 1
+            lw.started(key)
+            return True
+
         def finished(outcome: Outcome) -> None:
             nonlocal done
             lw.update_soon(key, outcome.status, outcome.reply)
             done += 1
             progress(done)
 
-        return Work(env, mark_sending, finished)
+        return Work(env, mark_sending, finished, mark_now)
 
     async def take() -> Work | None:
         got = await queue.get()

@@ -13,6 +13,8 @@ Invariants:
   previous message's data (still one transaction at a time), so a message costs one round trip instead of
   four; every byte comes from :mod:`postroom.delivery.wire` (addresses checked for CR/LF, DATA CRLF-only
   and dot-stuffed).
+- The steady state of an unpaced pipelining connection runs in :mod:`postroom.burst.express` (callbacks,
+  no coroutine per message); it hands anything else back to this module's coroutine path unchanged.
 - :class:`Sender` keeps up to ``concurrency`` connections open and reuses each for many messages
   (``MESSAGES_PER_CONNECTION``). Every message is all-or-nothing: if any recipient is refused, the
   transaction is reset and nothing is sent (with several recipients DATA waits for every RCPT reply).
@@ -41,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from postroom.burst.express import Express
 from postroom.delivery.client import Head, Rcpt, SmtpClient
 from postroom.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
@@ -305,11 +308,15 @@ class Envelope:
 
 @dataclass(slots=True)
 class Work:
-    """One message for :meth:`Sender.run`: the envelope, its durable mark, and where its outcome goes."""
+    """One message for :meth:`Sender.run`: the envelope, its durable mark, and where its outcome goes.
+
+    ``mark_now``, when given, is the mark's synchronous shortcut: True (and the start recorded, as
+    ``on_sending`` would) when the mark is already durable; False means ``on_sending`` must be awaited."""
 
     env: Envelope
     on_sending: OnSending
     done: Callable[[Outcome], None]
+    mark_now: Callable[[], bool] | None = None
 
 
 Take = Callable[[], Awaitable[Work | None]]  # the next message, waiting for one; None: no more
@@ -400,14 +407,23 @@ class Sender:
                 if got is None:
                     return
                 work, head = got, None
+            first: Outcome | None = None
+            if head is None and self._express_ok(line, work):
+                handback = await self._express(line, work, poll)
+                if handback is None:
+                    continue
+                work, first = handback
             attempt = 0
             while True:
                 attempt += 1
-                line.busy = True
-                try:
-                    outcome = await self._attempt(line, work, head, poll)
-                finally:
-                    line.busy = False
+                if first is not None:
+                    outcome, first = first, None
+                else:
+                    line.busy = True
+                    try:
+                        outcome = await self._attempt(line, work, head, poll)
+                    finally:
+                        line.busy = False
                 head = None
                 if outcome.status != "deferred" or attempt >= self.max_attempts:
                     break
@@ -418,6 +434,46 @@ class Sender:
                 log.info("deferred (%s); retry %d in %.1fs", outcome.reply, attempt + 1, delay)
                 await asyncio.sleep(delay)
             work.done(outcome)
+
+    # -- the express lane (burst/express.py) ------------------------------------------------------
+    def _lane_open(self, line: _Line) -> bool:
+        """Can this connection run the express lane: open, pipelining, unpaced?"""
+        client = line.client
+        return (
+            client is not None
+            and client.usable
+            and not self.transport.limits.messages_per_minute
+            and client.ext.has("PIPELINING")
+        )
+
+    def _express_ok(self, line: _Line, work: Work) -> bool:
+        """May ``work`` ride the express lane on ``line`` now?"""
+        env = work.env
+        return (
+            self._lane_open(line)
+            and len(env.recipients) == 1
+            and line.used + 1 < MESSAGES_PER_CONNECTION
+            and (not env.smtputf8 or (line.client is not None and line.client.ext.has("SMTPUTF8")))
+        )
+
+    async def _express(self, line: _Line, work: Work, poll: Poll) -> tuple[Work, Outcome] | None:
+        client = line.client
+        assert client is not None
+        lane = Express(
+            line,
+            client,
+            poll,
+            eligible=lambda w: self._express_ok(line, w),
+            room=lambda sent: sent < MESSAGES_PER_CONNECTION,
+            outcome=Outcome,
+        )
+        line.busy = True
+        try:
+            handback = await lane.run(work)
+        finally:
+            line.busy = False
+        self._recycle(line)
+        return handback
 
     async def _attempt(self, line: _Line, work: Work, head: Head | None, poll: Poll) -> Outcome:
         env = work.env
@@ -453,6 +509,8 @@ class Sender:
                     return b""
                 nxt = polled
             line.carried = (nxt, None)
+            if self._express_ok(line, nxt):
+                return b""  # it rides the express lane from the next turn on: no group ahead
             if nxt.env.smtputf8 and not client.ext.has("SMTPUTF8"):
                 return b""
             try:

@@ -87,6 +87,7 @@ class _Protocol(asyncio.Protocol):
         self.dropped = 0
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
+        self.listener: Callable[[], None] | None = None  # called instead of waking a waiter (SmtpClient.listen)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -123,7 +124,9 @@ class _Protocol(asyncio.Protocol):
             self._drain.set_result(None)
 
     def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
+        if self.listener is not None:
+            self.listener()
+        elif self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
     async def drain(self) -> None:
@@ -214,6 +217,37 @@ class SmtpClient:
             finally:
                 timer.cancel()
                 p.waiter = None
+
+    # -- callback-driven use (the burst sender's express lane) ----------------------------------
+    def listen(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback`` called whenever bytes, end of stream or an error arrive (None: back to
+        :meth:`read_reply`). The callback takes replies with :meth:`reply_nowait`; no reply may be awaited
+        while it is set."""
+        self._p.listener = callback
+
+    def reply_nowait(self) -> Reply | None:
+        """The next complete reply if one has arrived, else None. Raises like :meth:`read_reply` when the
+        connection broke (an error, or end of stream with no reply left)."""
+        p = self._p
+        if p.error is not None:
+            self.broken = True
+            raise p.error
+        reply = p.parser.next_reply()
+        if reply is None and p.eof:
+            self.broken = True
+            raise ConnectionError("connection closed by the peer")
+        if reply is not None and log.isEnabledFor(TRACE):
+            log.log(TRACE, "%s < %s", self.peer[0], reply)
+        return reply
+
+    def unread(self, replies: list[Reply]) -> None:
+        """Give replies taken with :meth:`reply_nowait` back, for :meth:`read_reply` to return first."""
+        self._p.parser.unread(replies)
+
+    def send(self, data: bytes, shown: str | None = None) -> None:
+        """Write ``data`` (already wire form: a :meth:`head`, a ``wire.data_payload``); raises
+        ConnectionError when the connection is closed."""
+        self._write(data, shown)
 
     def _write(self, data: bytes, shown: str | None = None) -> None:
         """Send ``data``; the TRACE transcript shows ``shown`` instead when given (secrets, bodies)."""

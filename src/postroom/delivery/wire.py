@@ -82,11 +82,13 @@ class ReplyParser:
         self._pos = 0  # start of the first unconsumed octet in _buf
         self._pending: list[str] = []
         self._code = 0
+        self._back: list[Reply] = []  # replies given back with unread(), returned first
 
     @property
     def buffered(self) -> int:
         """Octets received and not yet part of a returned reply (incl. a started multi-line reply)."""
-        return len(self._buf) - self._pos + sum(len(x) for x in self._pending)
+        back = sum(4 + sum(len(x) for x in r.lines) for r in self._back)
+        return len(self._buf) - self._pos + sum(len(x) for x in self._pending) + back
 
     def discard(self) -> None:
         """Forget everything buffered (called after ``220`` to STARTTLS, RFC 3207 §4.2)."""
@@ -94,6 +96,11 @@ class ReplyParser:
         self._pos = 0
         self._pending.clear()
         self._code = 0
+        self._back.clear()
+
+    def unread(self, replies: list[Reply]) -> None:
+        """Give ``replies`` back: the next ``next_reply`` calls return them, in order, before anything else."""
+        self._back[:0] = replies
 
     def feed(self, data: bytes) -> None:
         self._buf.extend(data)
@@ -103,6 +110,8 @@ class ReplyParser:
 
     def next_reply(self) -> Reply | None:
         """The next complete reply, or None when more bytes are needed."""
+        if self._back:
+            return self._back.pop(0)
         buf = self._buf
         while True:
             pos = self._pos
