@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import functools
 import quopri
 import re
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ class Extensions:
         return cls(kw)
 
     def has(self, name: str) -> bool:
-        return name.upper() in self.keywords
+        return name in self.keywords or name.upper() in self.keywords  # callers mostly pass upper case
 
     @property
     def size_limit(self) -> int:
@@ -176,6 +177,7 @@ class Extensions:
         return frozenset(self.keywords.get("AUTH", "").upper().split())
 
 
+@functools.lru_cache(maxsize=4096)  # a burst repeats its sender; errors are raised, never cached
 def check_address(address: str, *, smtputf8: bool) -> bytes:
     """The wire form of a path's address, or LocalProtocolError when it cannot be sent safely.
 
