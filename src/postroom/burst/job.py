@@ -55,8 +55,11 @@ from postroom.wire.address import AddressError, parse_mailbox
 FETCH_BATCH = 16  # built messages taken from the producer per thread hop
 # Messages marked "sending" ahead of their turn: a durable commit takes milliseconds (one fsync), so
 # marking each message only when its connection is ready caps a burst at concurrency / commit time
-# (~1,500 msg/s with 4 connections and a 2.8 ms fsync). 64 covers 10,000+ msg/s with such a disk.
-LOOKAHEAD = 64
+# (~1,500 msg/s with 4 connections and a 2.8 ms fsync). A commit also waits for the GIL behind a busy
+# sending loop: with 64 ahead ~10% of messages still waited for their mark at ~9,000 msg/s, with 128 ~5%
+# (bench/burst.py --sending-only, interleaved: median 7,769 -> 8,409 msg/s). The price: after an OS crash
+# (not a kill: the send log covers that) up to LOOKAHEAD + concurrency messages are "unknown".
+LOOKAHEAD = 128
 DAY = 86400.0  # seconds: providers' daily limits are rolling 24 hours
 
 EXIT_OK = 0
