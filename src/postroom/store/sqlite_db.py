@@ -154,8 +154,10 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
 
 def _migrate_to_3(conn: sqlite3.Connection) -> None:
     """Schema 2 → 3: the searchable text left ``blobs`` (where every append wrote it) for ``blob_text``,
-    which the indexer fills behind delivery. Every blob's existing text moves there, the index is rebuilt
-    over it, and the watermark covers every blob."""
+    which the indexer fills behind delivery. Every blob's existing text moves there; the index is
+    recreated empty with the watermark at 0, and the indexer fills it again from that text on the first
+    search (not here: rebuilding the index of 50,000 messages took 30 s, a start-up no one should wait
+    for). Blobs above the watermark may thus have a ``blob_text`` row before they are indexed."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS blob_text(id INTEGER PRIMARY KEY, search_headers TEXT NOT NULL,"
         " search_body TEXT NOT NULL)"
@@ -163,8 +165,7 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO blob_text SELECT id, search_headers, search_body FROM blobs")
     conn.execute("DROP TABLE IF EXISTS fts")
     conn.execute(FTS)
-    conn.execute("INSERT INTO fts(fts) VALUES('rebuild')")
-    conn.execute("UPDATE meta SET value=(SELECT COALESCE(MAX(id), 0) FROM blobs) WHERE key='fts_indexed'")
+    conn.execute("UPDATE meta SET value=0 WHERE key='fts_indexed'")
     conn.execute("ALTER TABLE blobs DROP COLUMN search_headers")
     conn.execute("ALTER TABLE blobs DROP COLUMN search_body")
 

@@ -14,7 +14,9 @@ Invariants:
 - Blob ids only grow (AUTOINCREMENT), so a blob committed after a chunk was read has a higher id than the
   chunk's top, and moving the watermark to that top skips nothing.
 - A blob under the watermark has its ``blob_text`` row and index entry, or was deleted; it leaves both in
-  the transaction that deletes it (external content: the delete needs the old text).
+  the transaction that deletes it (external content: the delete needs the old text, and must never be
+  issued for a blob that is not in the index). A blob above the watermark has no index entry; it may have
+  a ``blob_text`` row (text moved there by the schema-3 upgrade), which the indexer then uses as is.
 - Terms shorter than three characters cannot use trigrams and are matched against ``blob_text`` directly.
 """
 
@@ -32,8 +34,9 @@ from postroom.store import sqlite_db as db
 INDEX_CHUNK = 500  # blobs read, analysed and indexed per catch-up step (bounds one write job)
 INDEX_CHUNK_OCTETS = 32 * 1024 * 1024  # … and at most about this many octets of messages in one step
 
-#: (id, bytes or None, file path relative to the blob directory or None) of a blob to index.
-_Pending = tuple[int, bytes | None, str | None]
+#: (id, bytes or None, file path relative to the blob directory or None, has a blob_text row) of a blob to
+#: index.
+_Pending = tuple[int, bytes | None, str | None, bool]
 
 
 class SearchMixin:
@@ -51,20 +54,25 @@ class SearchMixin:
         mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
         out: list[_Pending] = []
         octets = 0
-        for blob_id, size, data, path in c.execute(
-            "SELECT id, size, data, path FROM blobs WHERE id > ? ORDER BY id LIMIT ?", (mark, INDEX_CHUNK)
+        for blob_id, size, data, path, has_text in c.execute(
+            "SELECT b.id, b.size, CASE WHEN t.id IS NULL THEN b.data END, b.path, t.id IS NOT NULL"
+            " FROM blobs b LEFT JOIN blob_text t ON t.id = b.id WHERE b.id > ? ORDER BY b.id LIMIT ?",
+            (mark, INDEX_CHUNK),
         ):
-            out.append((blob_id, data, path))
-            octets += size
+            out.append((blob_id, data, None if has_text else path, bool(has_text)))
+            octets += 0 if has_text else size
             if octets >= INDEX_CHUNK_OCTETS:
                 break
         return out
 
-    def _derive_texts(self, pending: list[_Pending]) -> list[tuple[int, str, str]]:
-        """On a worker thread: each pending blob's searchable text (a file gone meanwhile: its blob was
-        deleted, so it is left out)."""
-        out: list[tuple[int, str, str]] = []
-        for blob_id, data, path in pending:
+    def _derive_texts(self, pending: list[_Pending]) -> list[tuple[int, str, str] | int]:
+        """On a worker thread: each pending blob's searchable text, or just its id when its text is in
+        ``blob_text`` already (a file gone meanwhile: its blob was deleted, so it is left out)."""
+        out: list[tuple[int, str, str] | int] = []
+        for blob_id, data, path, has_text in pending:
+            if has_text:
+                out.append(blob_id)
+                continue
             if data is None and path is not None:
                 try:
                     data = (self.blob_dir / path).read_bytes()
@@ -79,8 +87,12 @@ class SearchMixin:
         c.execute("INSERT INTO fts(rowid, search_headers, search_body) VALUES(?,?,?)", (blob_id, heads, body))
 
     def _unindex(self, c: sqlite3.Connection, blob_id: int) -> bool:
-        """Take a blob out of the index before its row or text goes (external-content FTS needs the old
-        text). True when it was indexed."""
+        """Take a blob out of the index and drop its text before its row or text goes (external-content FTS
+        needs the old text). True when it was indexed."""
+        mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
+        if blob_id > mark:  # not in the index: only text moved by the upgrade may be there
+            c.execute("DELETE FROM blob_text WHERE id=?", (blob_id,))
+            return False
         old = c.execute("SELECT search_headers, search_body FROM blob_text WHERE id=?", (blob_id,)).fetchone()
         if old is None:
             return False
@@ -91,12 +103,21 @@ class SearchMixin:
         c.execute("DELETE FROM blob_text WHERE id=?", (blob_id,))
         return True
 
-    def _index_chunk_tx(self, texts: list[tuple[int, str, str]], top: int) -> db.WriteFn:
+    def _index_chunk_tx(self, texts: list[tuple[int, str, str] | int], top: int) -> db.WriteFn:
         """The write job indexing ``texts`` (a chunk read up to blob ``top``) and moving the watermark."""
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
             mark = c.execute("SELECT value FROM meta WHERE key='fts_indexed'").fetchone()[0]
-            for blob_id, heads, body in texts:
+            for item in texts:
+                if isinstance(item, int):  # its text is in blob_text already (and goes with its blob)
+                    if item > mark:
+                        c.execute(
+                            "INSERT INTO fts(rowid, search_headers, search_body)"
+                            " SELECT id, search_headers, search_body FROM blob_text WHERE id=?",
+                            (item,),
+                        )
+                    continue
+                blob_id, heads, body = item
                 if blob_id > mark and c.execute("SELECT 1 FROM blobs WHERE id=?", (blob_id,)).fetchone():
                     self._index_tx(c, blob_id, heads, body)
             c.execute("UPDATE meta SET value=? WHERE key='fts_indexed'", (max(mark, top),))
