@@ -29,7 +29,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from postroom.delivery.client import DATA_END_TIMEOUT, DATA_INIT_TIMEOUT, Head, Rcpt, SmtpClient
+from postroom.delivery import wire
+from postroom.delivery.client import DATA_END_TIMEOUT, DATA_INIT_TIMEOUT, Head, SmtpClient
 from postroom.delivery.wire import Reply, data_payload
 from postroom.errors import LocalProtocolError, RemoteProtocolError
 
@@ -58,7 +59,7 @@ class Express:
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[tuple[Work, Outcome] | None] = self.loop.create_future()
         self.cur: Work | None = None  # its data is out: waiting for its final reply
-        self.nxt: tuple[Work, Head] | None = None  # its command group is out: waiting for 3 replies
+        self.nxt: tuple[Work, bytes] | None = None  # its command group is out: waiting for 3 replies
         self.got: list[Reply] = []  # replies to nxt's group so far
         self.after: Work | None = None  # polled but not for the lane: the coroutine path takes it next
         self.deadline = 0.0
@@ -90,19 +91,22 @@ class Express:
                 self.line.carried = (self.after, None)
 
     # -- writing --------------------------------------------------------------------------------
-    def _head(self, work: Work) -> Head | None:
+    def _head(self, work: Work) -> bytes | None:
+        """``work``'s MAIL, RCPT and DATA in one group: ``SmtpClient.head`` for one recipient on a pipelining
+        connection (what :attr:`eligible` ensured), without its objects. None: an address that cannot go
+        on the wire (it fails on its own turn, on the coroutine path, with the reason)."""
         env = work.env
+        ext = self.client.ext
         try:
-            return self.client.head(
-                env.sender,
-                [Rcpt(a) for a in env.recipients],
-                env.data,
-                eight_bit=not env.data.isascii(),
-                smtputf8=env.smtputf8,
-                all_or_nothing=True,
+            return (
+                wire.mail_command(
+                    env.sender, ext, size=len(env.data), eight_bit=not env.data.isascii(), smtputf8=env.smtputf8
+                )
+                + wire.rcpt_command(env.recipients[0], ext, smtputf8=env.smtputf8)
+                + b"DATA\r\n"
             )
         except LocalProtocolError:
-            return None  # it fails on its own turn, on the coroutine path, with the reason
+            return None
 
     def _send_head(self, work: Work, before: bytes) -> bool:
         """Write ``before`` (a message's data) and ``work``'s command group; False when ``work`` cannot
@@ -115,7 +119,7 @@ class Express:
             return False
         self.nxt = (work, head)
         self.client.transactions += 1
-        self._write(before + head.data if before else head.data, DATA_END_TIMEOUT if before else DATA_INIT_TIMEOUT)
+        self._write(before + head if before else head, DATA_END_TIMEOUT if before else DATA_INIT_TIMEOUT)
         return True
 
     def _write(self, data: bytes, timeout: float) -> None:
@@ -168,8 +172,8 @@ class Express:
             if self.nxt is not None:
                 self.line.carried, self.nxt = (self.nxt[0], None), None
         elif self.nxt is not None:
-            self.line.carried = self.nxt  # its replies are still to come: the coroutine path reads them
-            self.nxt = None
+            self.line.carried = (self.nxt[0], Head(self.nxt[1], 1))  # its replies are to come: the coroutine
+            self.nxt = None  # path reads them
         self._finish((work, self.outcome("failed" if reply.permanent else "deferred", str(reply))))
 
     def _group_answered(self) -> None:
@@ -178,7 +182,7 @@ class Express:
         assert self.nxt is not None
         if not (mail.positive and rcpt.positive and data.code == 354):
             self.client.unread([mail, rcpt, data])  # the coroutine path answers them as it would have
-            self.line.carried, self.nxt = self.nxt, None
+            self.line.carried, self.nxt = (self.nxt[0], Head(self.nxt[1], 1)), None
             self._finish(None)
             return
         work = self.nxt[0]

@@ -69,7 +69,10 @@ class Reply:
         return self.code >= 500
 
     def __str__(self) -> str:
-        return f"{self.code} " + " / ".join(line for line in self.lines if line)
+        lines = self.lines
+        if len(lines) == 1:  # the usual reply: no join
+            return f"{self.code} {lines[0]}"
+        return f"{self.code} " + " / ".join(line for line in lines if line)
 
 
 class ReplyParser:
