@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import getpass
@@ -386,6 +387,54 @@ async def _send_smtp(
     return EXIT_OK
 
 
+class _Ahead:
+    """The messages marked ``sending`` ahead of their turn: at most ``size``, refilled in bulk.
+
+    The feeder tops the buffer up whenever it has fallen to three quarters (not after every message), so
+    it wakes once per ``size // 4`` messages and their marks share commits; the senders ``pop`` (never
+    waiting) or ``take`` (waiting for a message or the end)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: collections.deque[tuple[Built, asyncio.Future[None]]] = collections.deque()
+        self.ended = False
+        self._room = asyncio.Event()
+        self._ready = asyncio.Event()
+
+    def wants_more(self) -> bool:
+        return len(self.items) < self.size
+
+    def put(self, built: Built, marked: asyncio.Future[None]) -> None:
+        self.items.append((built, marked))
+        self._ready.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._ready.set()
+
+    async def room(self) -> None:
+        """Return once the buffer has fallen to three quarters of ``size`` (at once if it is there)."""
+        self._room.clear()
+        if len(self.items) > self.size * 3 // 4:
+            await self._room.wait()
+
+    def pop(self) -> tuple[Built, asyncio.Future[None]] | None:
+        if not self.items:
+            return None
+        got = self.items.popleft()
+        if len(self.items) <= self.size * 3 // 4:
+            self._room.set()
+        return got
+
+    async def take(self) -> tuple[Built, asyncio.Future[None]] | None:
+        while not self.items:
+            if self.ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self.pop()
+
+
 async def send_built(
     snd: Sender,
     source: Iterator[Built],
@@ -398,31 +447,34 @@ async def send_built(
 
     ``source`` is consumed in a thread (splitting and composing are CPU work that must not stall the
     senders). Each message is reserved in the ledger (marked ``sending``, see
-    :meth:`LedgerWriter.reserve`) when it enters the bounded queue, so up to :data:`LOOKAHEAD` marks share
-    a commit while earlier messages are on the wire; its DATA still waits for its own mark, and the
-    journal's ``S`` line is written just before the first octet.
+    :meth:`LedgerWriter.reserve`) when it enters the lookahead buffer (:class:`_Ahead`), so up to
+    :data:`LOOKAHEAD` marks share a commit while earlier messages are on the wire; its DATA still waits for
+    its own mark, and the journal's ``S`` line is written just before the first octet.
     """
     limits = snd.transport.limits
     # A paced provider (Office 365: 30/min) gains nothing from marking far ahead; after an OS crash every
     # message marked ahead is 'unknown', so keep that to one per connection there.
-    ahead = limits.concurrency if limits.messages_per_minute else LOOKAHEAD
-    queue: asyncio.Queue[tuple[Built, asyncio.Future[None]] | None] = asyncio.Queue(maxsize=ahead)
+    ahead = _Ahead(limits.concurrency if limits.messages_per_minute else LOOKAHEAD)
     done = 0
 
     async def feed() -> None:
+        batch: collections.deque[Built] = collections.deque()
         while True:
-            batch = await asyncio.to_thread(lambda: list(itertools.islice(source, FETCH_BATCH)))
-            for built in batch:
+            while ahead.wants_more():
+                if not batch:
+                    batch.extend(await asyncio.to_thread(lambda: list(itertools.islice(source, FETCH_BATCH))))
+                    if not batch:
+                        ahead.end()
+                        return
+                built = batch.popleft()
                 marked = lw.reserve(
                     built.key,
                     filename=built.filename,
                     attachment_sha256=built.attachment_sha256,
                     message_id=built.message_id,
                 )
-                await queue.put((built, marked))
-            if not batch:
-                await queue.put(None)
-                return
+                ahead.put(built, marked)
+            await ahead.room()
 
     def work(built: Built, marked: asyncio.Future[None]) -> Work:
         item = items[built.key]
@@ -464,20 +516,12 @@ async def send_built(
         return Work(env, mark_sending, finished, mark_now)
 
     async def take() -> Work | None:
-        got = await queue.get()
-        if got is None:
-            queue.put_nowait(None)  # for the other connections (a get just made room)
-            return None
-        return work(*got)
+        got = await ahead.take()
+        return None if got is None else work(*got)
 
     def poll() -> Work | None:
-        if queue.empty():
-            return None
-        got = queue.get_nowait()
-        if got is None:
-            queue.put_nowait(None)
-            return None
-        return work(*got)
+        got = ahead.pop()
+        return None if got is None else work(*got)
 
     await asyncio.gather(snd.run(take, poll), feed())
 
