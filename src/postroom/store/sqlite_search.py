@@ -9,8 +9,9 @@ Invariants:
   append doubled the bytes each append put in the WAL (bench/store_append.py: 6,900 → 9,000 appends/s in
   one process without it).
 - Catching up reads a chunk of blobs above the watermark, derives their text on a thread (no write lock is
-  held meanwhile), then one write job indexes those still present and moves the watermark. Two sessions
-  catching up at once do not index a blob twice: the write job skips what is already under the watermark.
+  held meanwhile), then one write job indexes those still present and moves the watermark. Sessions of
+  one process catch up one at a time (an asyncio lock); two processes catching up at once do not index a
+  blob twice: the write job skips what is already under the watermark.
 - Blob ids only grow (AUTOINCREMENT), so a blob committed after a chunk was read has a higher id than the
   chunk's top, and moving the watermark to that top skips nothing.
 - A blob under the watermark has its ``blob_text`` row and index entry, or was deleted; it leaves both in
@@ -41,6 +42,8 @@ _Pending = tuple[int, bytes | None, str | None, bool]
 
 class SearchMixin:
     """``search_text`` and the indexer behind it."""
+
+    _index_lock: asyncio.Lock | None = None  # made on first use, in the store's event loop
 
     if TYPE_CHECKING:  # provided by SqliteStore
         blob_dir: Path
@@ -125,13 +128,17 @@ class SearchMixin:
         return tx
 
     async def _catch_up_index(self) -> None:
-        """Index every blob committed before this call."""
-        while True:
-            pending: list[_Pending] = await self._read(self._unindexed)
-            if not pending:
-                return
-            texts = await asyncio.to_thread(self._derive_texts, pending)
-            await self._write(self._index_chunk_tx(texts, pending[-1][0]))
+        """Index every blob committed before this call. One catch-up at a time per process: sessions
+        searching at once wait for it instead of deriving the same chunk's text each."""
+        if self._index_lock is None:
+            self._index_lock = asyncio.Lock()
+        async with self._index_lock:
+            while True:
+                pending: list[_Pending] = await self._read(self._unindexed)
+                if not pending:
+                    return
+                texts = await asyncio.to_thread(self._derive_texts, pending)
+                await self._write(self._index_chunk_tx(texts, pending[-1][0]))
 
     async def search_text(self, mailbox_id: int, terms: Sequence[str], body_only: bool = False) -> set[int]:
         await self._catch_up_index()
