@@ -3,9 +3,9 @@
 Once a connection is open and the transport is unpaced, most messages go the same way: the previous
 message's data and this one's MAIL/RCPT/DATA group leave in one write, then come the previous message's
 final reply and this one's three replies. :class:`Express` runs exactly that from the connection's data
-callback, with no coroutine, future or timer per message (the coroutine path costs ~90 µs of CPU per message
-on this machine, the callbacks ~35). Anything else it hands back to :class:`~postroom.burst.transport.Sender`'s
-coroutine path in a state that path continues from.
+callback, with no coroutine, future or timer per message (against smtp-sink a prototype of this loop alone
+used ~35 µs of CPU per message on this machine, the coroutine path ~90). Anything else it hands back to
+:class:`~postroom.burst.transport.Sender`'s coroutine path in a state that path continues from.
 
 Invariants (the same as the coroutine path's, see :mod:`postroom.burst.transport`):
 - A message's first octet is written only after its durable mark (``Work.mark_now`` True, or
