@@ -47,14 +47,12 @@ class Express:
         client: SmtpClient,
         poll: Callable[[], Work | None],
         eligible: Callable[[Work], bool],
-        room: Callable[[int], bool],
         outcome: Callable[..., Outcome],
     ) -> None:
         self.line = line
         self.client = client
         self.poll = poll
-        self.eligible = eligible  # may this message ride the lane on this connection?
-        self.room = room  # may one more message start on a connection that has sent this many?
+        self.eligible = eligible  # may this message ride the lane on this connection now?
         self.outcome = outcome  # Outcome(status, reply, retry_now=False)
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[tuple[Work, Outcome] | None] = self.loop.create_future()
@@ -92,18 +90,18 @@ class Express:
 
     # -- writing --------------------------------------------------------------------------------
     def _head(self, work: Work) -> bytes | None:
-        """``work``'s MAIL, RCPT and DATA in one group: ``SmtpClient.head`` for one recipient on a pipelining
-        connection (what :attr:`eligible` ensured), without its objects. None: an address that cannot go
-        on the wire (it fails on its own turn, on the coroutine path, with the reason)."""
+        """``work``'s MAIL, RCPT and DATA in one group (what ``SmtpClient.head`` writes, without its objects;
+        :attr:`eligible` ensured one recipient and PIPELINING). None: an address that cannot go on the wire
+        (it fails on its own turn, on the coroutine path, with the reason)."""
         env = work.env
-        ext = self.client.ext
         try:
-            return (
-                wire.mail_command(
-                    env.sender, ext, size=len(env.data), eight_bit=not env.data.isascii(), smtputf8=env.smtputf8
-                )
-                + wire.rcpt_command(env.recipients[0], ext, smtputf8=env.smtputf8)
-                + b"DATA\r\n"
+            return wire.command_group(
+                env.sender,
+                env.recipients,
+                self.client.ext,
+                size=len(env.data),
+                eight_bit=not env.data.isascii(),
+                smtputf8=env.smtputf8,
             )
         except LocalProtocolError:
             return None
@@ -212,7 +210,7 @@ class Express:
         self.nxt = None
         self.cur = work
         payload = work.env.payload if work.env.payload is not None else data_payload(work.env.data)
-        following = self.poll() if self.room(self.line.used + 1) else None
+        following = self.poll()
         try:
             if following is None:
                 self._write(payload, DATA_END_TIMEOUT)

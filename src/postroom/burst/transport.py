@@ -436,24 +436,18 @@ class Sender:
             work.done(outcome)
 
     # -- the express lane (burst/express.py) ------------------------------------------------------
-    def _lane_open(self, line: _Line) -> bool:
-        """Can this connection run the express lane: open, pipelining, unpaced?"""
-        client = line.client
+    def _express_ok(self, line: _Line, work: Work) -> bool:
+        """May ``work`` ride the express lane on ``line`` now: an open pipelining connection with room for
+        another message, an unpaced transport, one recipient, SMTPUTF8 when it needs it?"""
+        client, env = line.client, work.env
         return (
             client is not None
             and client.usable
-            and not self.transport.limits.messages_per_minute
             and client.ext.has("PIPELINING")
-        )
-
-    def _express_ok(self, line: _Line, work: Work) -> bool:
-        """May ``work`` ride the express lane on ``line`` now?"""
-        env = work.env
-        return (
-            self._lane_open(line)
+            and not self.transport.limits.messages_per_minute
             and len(env.recipients) == 1
             and line.used + 1 < MESSAGES_PER_CONNECTION
-            and (not env.smtputf8 or (line.client is not None and line.client.ext.has("SMTPUTF8")))
+            and (not env.smtputf8 or client.ext.has("SMTPUTF8"))
         )
 
     async def _express(self, line: _Line, work: Work, poll: Poll) -> tuple[Work, Outcome] | None:
@@ -464,7 +458,6 @@ class Sender:
             client,
             poll,
             eligible=lambda w: self._express_ok(line, w),
-            room=lambda sent: sent < MESSAGES_PER_CONNECTION,
             outcome=Outcome,
         )
         line.busy = True

@@ -348,9 +348,9 @@ class SmtpClient:
         ext = self.ext
         if not ext.has("PIPELINING") or (all_or_nothing and len(rcpts) > 1):
             return None
-        mail = wire.mail_command(sender, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8)
-        lines = [wire.rcpt_command(r.address, ext, smtputf8=smtputf8) for r in rcpts]
-        return Head(mail + b"".join(lines) + b"DATA\r\n", len(lines))
+        addresses = [r.address for r in rcpts]
+        group = wire.command_group(sender, addresses, ext, size=len(message), eight_bit=eight_bit, smtputf8=smtputf8)
+        return Head(group, len(addresses))
 
     async def transaction(
         self,

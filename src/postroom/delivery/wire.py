@@ -20,6 +20,7 @@ import email.policy
 import functools
 import quopri
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postroom.errors import LocalProtocolError, RemoteProtocolError
@@ -266,6 +267,14 @@ def rcpt_command(recipient: str, ext: Extensions, *, smtputf8: bool, notify: str
         if orcpt:
             parts.append(b"ORCPT=" + _check_param(orcpt))
     return b" ".join(parts) + b"\r\n"
+
+
+def command_group(
+    sender: str, recipients: Sequence[str], ext: Extensions, *, size: int, eight_bit: bool, smtputf8: bool
+) -> bytes:
+    """MAIL, one RCPT per recipient and DATA as one pipelined write (RFC 2920 §3.1)."""
+    mail = mail_command(sender, ext, size=size, eight_bit=eight_bit, smtputf8=smtputf8)
+    return mail + b"".join(rcpt_command(a, ext, smtputf8=smtputf8) for a in recipients) + b"DATA\r\n"
 
 
 def data_payload(message: bytes) -> bytes:
