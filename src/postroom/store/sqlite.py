@@ -463,9 +463,9 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 raise NotFoundError(f"no message {blob_id}")
             return None if row[0] is None else bytes(row[0])  # None: in a file, or too large for the loop
 
-        data = await self._read(small, on_loop=True)
+        data: bytes | None = await self._read(small, on_loop=True)
         if data is not None:
-            return bytes(data)
+            return data
 
         def q(c: sqlite3.Connection) -> bytes:
             row = c.execute("SELECT data, path FROM blobs WHERE id=?", (blob_id,)).fetchone()
@@ -490,9 +490,9 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 raise NotFoundError(f"no message {blob_id}")
             return None if row[0] is None else bytes(row[0])
 
-        part = await self._read(small, on_loop=True)
+        part: bytes | None = await self._read(small, on_loop=True)
         if part is not None:
-            return bytes(part)
+            return part
 
         def q(c: sqlite3.Connection) -> bytes:
             row = c.execute("SELECT path, size FROM blobs WHERE id=?", (blob_id,)).fetchone()

@@ -6,8 +6,8 @@ Invariants:
   trigram tokenizer, so a term matches as a substring, as IMAP SEARCH requires (RFC 9051 §6.4.4).
 - Delivery does not write the text: the index is filled behind it, up to the ``fts_indexed`` watermark,
   and caught up before every search, so a search never misses a delivered message. Writing the text at
-  append doubled the bytes each append put in the WAL (bench/store_append.py: 6,900 → 9,000 appends/s in
-  one process without it).
+  append doubled the bytes each append put in the WAL (bench/store_append.py: 6,900 → 10,000 appends/s
+  in one process without it).
 - Catching up reads a chunk of blobs above the watermark, derives their text on a thread (no write lock is
   held meanwhile), then one write job indexes those still present and moves the watermark. Sessions of
   one process catch up one at a time (an asyncio lock); two processes catching up at once do not index a
