@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,21 @@ async def _clear_seen(port: int, users: list[str]) -> None:
         writer.close()
 
 
+@contextlib.asynccontextmanager
+async def inbox_session(port: int, user: str) -> AsyncIterator[Client]:
+    """A connection logged in as ``user`` with INBOX selected; LOGOUT when the block ends normally."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        await reader.readline()
+        c = Client(reader, writer)
+        await c.command(b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
+        await c.command(b"SELECT INBOX")
+        yield c
+        await c.command(b"LOGOUT")
+    finally:
+        writer.close()
+
+
 WARM_LOGINS = 12  # logins per user in the warm-up: with W workers a user misses one with odds (1-1/W)^12
 
 
@@ -226,16 +242,8 @@ async def _warm_logins(port: int, users: list[str]) -> None:
     sem = asyncio.Semaphore(8)
 
     async def one(user: str) -> None:
-        async with sem:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-            try:
-                await reader.readline()
-                c = Client(reader, writer)
-                await c.command(b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
-                await c.command(b"SELECT INBOX")
-                await c.command(b"LOGOUT")
-            finally:
-                writer.close()
+        async with sem, inbox_session(port, user):
+            pass
 
     await asyncio.gather(*(one(u) for u in users for _ in range(WARM_LOGINS)))
 
@@ -317,17 +325,9 @@ PER_COMMAND: tuple[tuple[str, tuple[bytes, ...]], ...] = (
 
 
 async def _loop_one(port: int, user: str, lines: tuple[bytes, ...], n: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    try:
-        await reader.readline()
-        c = Client(reader, writer)
-        await c.command(b"LOGIN " + user.encode() + b" " + PASSWORD.encode())
-        await c.command(b"SELECT INBOX")
+    async with inbox_session(port, user) as c:
         for i in range(n):
             await c.command(lines[i % len(lines)])
-        await c.command(b"LOGOUT")
-    finally:
-        writer.close()
 
 
 def per_command(target: Target, n: int) -> dict[str, float]:
