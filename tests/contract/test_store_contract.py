@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -92,6 +93,55 @@ async def test_uids_and_modseq_grow(store: Store) -> None:
     # CONDSTORE: UNCHANGEDSINCE below the message's MODSEQ fails that message.
     _, failed = await store.set_flags(mb, [1], "remove", ["\\Seen"], unchanged_since=before)
     assert failed == [1]
+
+
+async def test_concurrent_appends_get_the_rows_of_one_by_one(store: Store) -> None:
+    """Appends that share a commit (the SQLite store runs them as one bulk job) get what appending one by
+    one would give: per mailbox, consecutive UIDs and growing MODSEQs; one stored copy per append; an
+    append to a mailbox deleted meanwhile fails alone."""
+    acct = await store.create_account("bulk@example.test", "x")
+    inbox = await store.get_mailbox(acct.id, "INBOX")
+    gone = await store.create_mailbox(acct.id, "Gone")
+    other = await store.create_mailbox(acct.id, "Other")
+    assert inbox is not None
+    await store.delete_mailbox(acct.id, "Gone")
+    out = OutboundEnvelope("bulk@example.test", (OutboundRecipient("far@elsewhere.test"),))
+    calls = []
+    for i in range(40):
+        body = MSG + f"number {i}\r\n".encode()
+        if i == 17:
+            calls.append(store.append(body, [AppendTarget(gone.id)]))
+        elif i % 5 == 0:
+            calls.append(store.append(body, [AppendTarget(inbox.id), AppendTarget(other.id, frozenset({"\\Seen"}))]))
+        elif i % 7 == 0:
+            calls.append(store.append(body, [AppendTarget(inbox.id)], out))
+        else:
+            calls.append(store.append(body, [AppendTarget(inbox.id)]))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[17], NotFoundError)
+    placed = [r for i, r in enumerate(results) if i != 17]
+    assert all(isinstance(r, list) for r in placed)
+    inbox_uids = [uid for r in placed for mb, uid in r if mb == inbox.id]
+    other_uids = [uid for r in placed for mb, uid in r if mb == other.id]
+    assert sorted(inbox_uids) == list(range(1, 40))
+    assert sorted(other_uids) == list(range(1, 9))
+    metas = await store.messages(inbox.id)
+    assert [m.uid for m in metas] == list(range(1, 40))
+    assert [m.modseq for m in metas] == sorted({m.modseq for m in metas})  # distinct, growing with the UID
+    others = await store.messages(other.id)
+    assert all(m.flags == frozenset({"\\Seen"}) for m in others)
+    by_uid = {m.uid: m for m in metas}
+    for i, r in enumerate(results):  # each append's copies share one blob holding its own bytes
+        if i == 17:
+            continue
+        assert isinstance(r, list)
+        blobs = {
+            by_uid[uid].blob_id if mb == inbox.id else next(m.blob_id for m in others if m.uid == uid) for mb, uid in r
+        }
+        assert len(blobs) == 1
+        assert (await store.read(blobs.pop())).endswith(f"number {i}\r\n".encode())
+    queued = await store.queue_due(time.time() + 1, limit=100)
+    assert len(queued) == len([i for i in range(40) if i % 7 == 0 and i % 5 != 0])
 
 
 async def test_uid_monotonic_across_restart(store_url: str) -> None:

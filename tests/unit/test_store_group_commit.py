@@ -21,11 +21,17 @@ def _writer(path: Path) -> GroupCommitWriter:
 
 
 async def _batch(writer: GroupCommitWriter, jobs: list[Any]) -> list[Any]:
-    """Submit ``jobs`` while the writer is held, so they form one batch."""
+    """Submit ``jobs`` while the writer is held, so they form one batch. A job is a ``WriteFn`` or a
+    ``(fn, many, arg)`` bulk job."""
     gate = threading.Event()
     held = asyncio.ensure_future(writer.submit(lambda c, t: gate.wait(5)))
     await asyncio.sleep(0.05)  # the writer thread is now inside the holding job
-    futures = [asyncio.ensure_future(writer.submit(job)) for job in jobs]
+    futures = [
+        asyncio.ensure_future(
+            writer.submit(job[0], None, job[1], job[2]) if isinstance(job, tuple) else writer.submit(job)
+        )
+        for job in jobs
+    ]
     await asyncio.sleep(0)
     gate.set()
     await held
@@ -89,3 +95,64 @@ def test_a_clean_batch_runs_each_job_once(tmp_path: Path, n: int) -> None:
 
     assert asyncio.run(main()) == list(range(n))
     assert runs == list(range(n))
+
+
+class _Bulk:
+    """A bulk insert into ``t`` that counts its calls; ``one(key, value)`` is the job for one row."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def many(self, c: sqlite3.Connection, args: list[tuple[str, int]], t: Touched) -> list[int]:
+        self.calls.append([k for k, _ in args])
+        c.executemany("INSERT INTO t VALUES(?, ?)", args)
+        t.mailboxes.update(v for _, v in args)
+        return [v for _, v in args]
+
+    def one(self, key: str, value: int) -> tuple[Any, Any, Any]:
+        def fn(c: sqlite3.Connection, t: Touched) -> int:
+            result: int = self.many(c, [(key, value)], t)[0]
+            return result
+
+        return (fn, self.many, (key, value))
+
+
+def test_neighbouring_bulk_jobs_run_as_one_call_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    writer = _writer(path)
+    bulk = _Bulk()
+    jobs = [bulk.one("a", 1), bulk.one("b", 2), insert("c", 3), bulk.one("d", 4), bulk.one("e", 5), bulk.one("f", 6)]
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            return await _batch(writer, jobs)
+        finally:
+            writer.stop()
+
+    assert asyncio.run(main()) == [1, 2, 3, 4, 5, 6]
+    assert bulk.calls == [["a", "b"], ["d", "e", "f"]]  # the plain job in between splits the run
+    rows = sorted(connect(path).execute("SELECT k, v FROM t").fetchall())
+    assert rows == [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5), ("f", 6)]
+
+
+def test_a_failing_bulk_member_fails_alone(tmp_path: Path) -> None:
+    """A duplicate key fails the bulk call; the batch runs again job by job and only that job fails."""
+    path = tmp_path / "db"
+    writer = _writer(path)
+    bulk = _Bulk()
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            return await _batch(writer, [bulk.one("a", 1), bulk.one("a", 2), bulk.one("b", 3)])
+        finally:
+            writer.stop()
+
+    results = asyncio.run(main())
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert bulk.calls[0] == ["a", "a", "b"]  # the bulk try, rolled back
+    assert bulk.calls[1:] == [["a"], ["a"], ["b"]]  # then each job alone, in its savepoint
+    rows = sorted(connect(path).execute("SELECT k, v FROM t").fetchall())
+    assert rows == [("a", 1), ("b", 3)]

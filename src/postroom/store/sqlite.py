@@ -4,10 +4,8 @@ Layout of the store directory (``sqlite:///DIR``): ``meta.db`` (+ WAL), ``blobs/
 than ``INLINE_MAX``, ``run/`` for the change-feed sockets of the processes that have it open.
 
 Invariants (beyond those of :mod:`postroom.store.api`):
-- Messages up to ``INLINE_MAX`` octets live in the ``blobs`` table, so the single WAL fsync of the group
-  commit makes data and metadata durable together (measured: see ``bench/store_append.py``). Larger ones
-  are written to a file, fsynced, renamed and their directory fsynced *before* their row is committed; a
-  crash in between leaves at worst an orphan file, never a row without bytes.
+- Messages up to ``INLINE_MAX`` octets live in the ``blobs`` table, larger ones in files: see
+  :mod:`postroom.store.sqlite_append`, which also holds the append path.
 - ``blobs.refs`` counts the messages and queue entries that use a blob; the blob goes when it reaches 0.
 - The full-text index is filled behind delivery (blobs above the ``fts_indexed`` watermark) and caught up
   before every search, so delivery never waits for indexing and a search never misses a message.
@@ -33,28 +31,26 @@ from typing import Any, TypeVar
 
 import orjson
 
-from postroom.errors import AlreadyExistsError, NotFoundError, StoreError, StoreFullError
+from postroom.errors import AlreadyExistsError, NotFoundError, StoreError
 from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
-    AppendTarget,
     Changes,
     FlagOp,
     FlagUpdate,
     Mailbox,
     MailboxStatus,
     MessageMeta,
-    OutboundEnvelope,
     QueueEntry,
     Store,
     Watch,
 )
 from postroom.store.changes import ChangeHub
 from postroom.store.sqlite_accounts import AccountsMixin
+from postroom.store.sqlite_append import INLINE_MAX, AppendMixin, flag_text
 from postroom.store.sqlite_queue import QueueMixin
 from postroom.store.sqlite_search import SearchMixin
 
-INLINE_MAX = 1024 * 1024  # octets; larger messages go to files under blobs/
 READER_THREADS = 4
 LOOP_READ_MAX = 256 * 1024  # octets of a table-stored message read on the event loop; larger: a reader thread
 LOOP_STRUCTURES = 32  # structures looked up on the event loop in one call; more: a reader thread
@@ -83,10 +79,6 @@ def _flags(text: str) -> frozenset[str]:
     return flags
 
 
-def _flag_text(flags: Iterable[str]) -> str:
-    return " ".join(sorted(set(flags)))
-
-
 def _meta(row: Sequence[Any]) -> MessageMeta:
     return MessageMeta(row[0], row[1], _flags(row[2]), row[3], row[4], row[5])
 
@@ -95,15 +87,7 @@ def _canon_mailbox(name: str) -> str:
     return "INBOX" if name.upper() == "INBOX" else name
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
+class SqliteStore(AppendMixin, AccountsMixin, QueueMixin, SearchMixin, Store):
     """The default store. Open with :func:`open_store`."""
 
     def __init__(self, directory: Path) -> None:
@@ -327,96 +311,6 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
         return result
 
     # -- messages ---------------------------------------------------------------------------------
-    async def append(
-        self,
-        raw: bytes,
-        targets: Sequence[AppendTarget],
-        outbound: OutboundEnvelope | None = None,
-    ) -> list[tuple[int, int]]:
-        if not targets and (outbound is None or not outbound.recipients):
-            return []
-        path: str | None = None
-        if len(raw) > INLINE_MAX:
-            path = await asyncio.to_thread(self._write_blob_file, raw)
-        holder: list[str] = []
-
-        def prepare() -> None:
-            holder.append(orjson.dumps(analyze(raw)).decode())
-
-        def tx(c: sqlite3.Connection, t: db.Touched) -> list[tuple[int, int]]:
-            refs = len(targets) + (1 if outbound is not None and outbound.recipients else 0)
-            cur = c.execute(
-                "INSERT INTO blobs(size, data, path, structure, refs) VALUES(?,?,?,?,?)",
-                (len(raw), None if path else raw, path, holder[0], refs),
-            )
-            blob_id = cur.lastrowid
-            assert blob_id is not None
-            out: list[tuple[int, int]] = []
-            now = time.time()
-            for target in targets:
-                mb = c.execute(
-                    "SELECT uidnext, highestmodseq FROM mailboxes WHERE id=?", (target.mailbox_id,)
-                ).fetchone()
-                if mb is None:
-                    raise NotFoundError(f"no mailbox {target.mailbox_id}")
-                uid, modseq = mb[0], mb[1] + 1
-                c.execute(
-                    "INSERT INTO messages VALUES(?,?,?,?,?,?,?)",
-                    (
-                        target.mailbox_id,
-                        uid,
-                        blob_id,
-                        _flag_text(target.flags),
-                        modseq,
-                        len(raw),
-                        target.internaldate if target.internaldate is not None else now,
-                    ),
-                )
-                c.execute(
-                    "UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?",
-                    (uid + 1, modseq, target.mailbox_id),
-                )
-                t.mailboxes.add(target.mailbox_id)
-                out.append((target.mailbox_id, uid))
-            if outbound is not None and outbound.recipients:
-                self._enqueue_tx(c, blob_id, outbound, now)
-                t.mailboxes.add(0)
-            return out
-
-        try:
-            result: list[tuple[int, int]] = await self._write(tx, prepare)
-        except BaseException:
-            if path is not None:
-                await asyncio.to_thread(self._remove_blob_file, path)
-            raise
-        return result
-
-    def _write_blob_file(self, raw: bytes) -> str:
-        name = os.urandom(12).hex()
-        sub = self.blob_dir / name[:2]
-        rel = f"{name[:2]}/{name}"
-        try:
-            new_dir = not sub.exists()
-            sub.mkdir(exist_ok=True)
-            if new_dir:
-                fsync_dir(self.blob_dir)
-            tmp = sub / (name + ".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(raw)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, sub / name)
-            fsync_dir(sub)
-        except OSError as exc:
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise StoreFullError(f"disk full: {exc.strerror}") from None
-            raise StoreError(f"cannot write message file: {exc.strerror}") from None
-        return rel
-
-    def _remove_blob_file(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.blob_dir / rel)
-
     async def messages(self, mailbox_id: int) -> list[MessageMeta]:
         rows = await self._read(
             lambda c: c.execute(
@@ -593,7 +487,7 @@ class SqliteStore(AccountsMixin, QueueMixin, SearchMixin, Store):
                 new = old | wanted if op == "add" else old - wanted if op == "remove" else frozenset(wanted)
                 if new == old:
                     continue
-                text = _flag_text(new)
+                text = flag_text(new)
                 updates.setdefault(text, []).append(uid)
                 changed.append(MessageMeta(uid, row[1], _flags(text), new_modseq, row[4], float(row[5])))
             for text, group in updates.items():
