@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -156,3 +158,40 @@ def test_a_failing_bulk_member_fails_alone(tmp_path: Path) -> None:
     assert bulk.calls[1:] == [["a"], ["a"], ["b"]]  # then each job alone, in its savepoint
     rows = sorted(connect(path).execute("SELECT k, v FROM t").fetchall())
     assert rows == [("a", 1), ("b", 3)]
+
+
+def test_callers_are_answered_after_the_wal_fsync_which_runs_outside_the_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "db"
+    writer = _writer(path)
+    syncing, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        syncing.set()
+        release.wait(5)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+
+    async def main() -> None:
+        writer.start()
+        try:
+            answer = asyncio.ensure_future(writer.submit(insert("a", 1)))
+            assert await asyncio.to_thread(syncing.wait, 5)
+            await asyncio.sleep(0.05)
+            assert not answer.done()  # committed, not yet durable: nobody is told
+            lock_fd = os.open(str(path) + ".writer-lock", os.O_RDWR)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the next writer need not wait
+            finally:
+                os.close(lock_fd)
+            release.set()
+            assert await answer == 1
+        finally:
+            release.set()
+            writer.stop()
+
+    asyncio.run(main())
+    assert connect(path).execute("SELECT k, v FROM t").fetchall() == [("a", 1)]
