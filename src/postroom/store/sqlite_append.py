@@ -10,7 +10,7 @@ Invariants:
 - The message is analysed (``mime.analyze``: what FETCH needs) by the job's ``prepare`` on the writer
   thread, before the write lock is taken.
 - Appends are bulk jobs of the group-commit writer (:mod:`postroom.store.sqlite_db`): the appends of one
-  batch take one ``executemany`` per table. Their blob ids are taken from ``sqlite_sequence`` inside the
+  batch take one multi-row ``INSERT`` per table. Their blob ids are taken from ``sqlite_sequence`` inside the
   write transaction, which ``BEGIN IMMEDIATE`` makes the only writer, so ids still only grow and are never
   reused (what AUTOINCREMENT promises, and the full-text indexer relies on).
 - Each target mailbox's ``uidnext``/``highestmodseq`` is read once per bulk call and written once at its
@@ -64,6 +64,21 @@ class _Append:
 
     def prepare(self) -> None:
         self.structure = orjson.dumps(analyze(self.raw)).decode()
+
+
+ROWS_PER_INSERT = 64  # rows per multi-row INSERT: 64 * 7 host parameters, far below SQLite's 32,766
+
+
+def _insert_rows(c: sqlite3.Connection, head: str, rows: list[tuple[Any, ...]]) -> None:
+    """``head`` + ``VALUES`` for all ``rows`` in as few statements as possible: each statement is one
+    ``sqlite3_step``, so the writer thread gives up and takes back the GIL once per statement, not once per
+    row as ``executemany`` does (each hand-off costs the event loop thread a futex round trip)."""
+    if not rows:
+        return
+    one = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i : i + ROWS_PER_INSERT]
+        c.execute(head + ",".join([one] * len(chunk)), [v for row in chunk for v in row])
 
 
 class AppendMixin:
@@ -140,8 +155,8 @@ class AppendMixin:
                 assert job.outbound is not None
                 queued.append((blob_id, job.outbound))
             results.append(placed)
-        c.executemany("INSERT INTO blobs(id, size, data, path, structure, refs) VALUES(?,?,?,?,?,?)", blob_rows)
-        c.executemany("INSERT INTO messages VALUES(?,?,?,?,?,?,?)", message_rows)
+        _insert_rows(c, "INSERT INTO blobs(id, size, data, path, structure, refs) VALUES", blob_rows)
+        _insert_rows(c, "INSERT INTO messages VALUES", message_rows)
         c.executemany(
             "UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?",
             [(uidnext, modseq, mailbox_id) for mailbox_id, (uidnext, modseq) in counters.items()],
