@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from postroom.errors import StoreError, StoreFullError
 from postroom.store.sqlite_db import GroupCommitWriter, Touched, connect
 
 
@@ -195,3 +196,34 @@ def test_callers_are_answered_after_the_wal_fsync_which_runs_outside_the_write_l
 
     asyncio.run(main())
     assert connect(path).execute("SELECT k, v FROM t").fetchall() == [("a", 1)]
+
+
+@pytest.mark.parametrize(("errno", "expected"), [(5, StoreError), (28, StoreFullError)])
+def test_a_failed_wal_fsync_fails_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno: int, expected: type[Exception]
+) -> None:
+    """Committed but perhaps not on disk: nobody is told it worked (EIO: 451; ENOSPC: 452)."""
+    path = tmp_path / "db"
+    writer = _writer(path)
+
+    def failing_fdatasync(fd: int) -> None:
+        raise OSError(errno, os.strerror(errno))
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+            results: list[Any] = list(
+                await asyncio.gather(
+                    writer.submit(insert("a", 1)), writer.submit(insert("b", 2)), return_exceptions=True
+                )
+            )
+            monkeypatch.undo()
+            results.append(await writer.submit(insert("c", 3)))  # the writer carries on
+            return results
+        finally:
+            writer.stop()
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, expected) and isinstance(second, expected)
+    assert third == 3

@@ -337,6 +337,8 @@ class GroupCommitWriter:
         try:
             self._sync_wal()
         except OSError as exc:
+            # Committed, visible, but maybe not on disk: every caller hears a failure (SMTP: 451, so the
+            # client retries; at worst the message is then stored twice, never acknowledged and lost).
             log.error("store commit not made durable: %s", exc)
             err = StoreFullError("disk full") if exc.errno in (28, 122) else StoreError(f"fsync failed: {exc}")
             for job in live:
