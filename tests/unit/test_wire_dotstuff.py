@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postroom.wire.dotstuff import DotReader, encode_data, stuff, unstuff
+from postroom.wire.dotstuff import DotReader, encode_data, may_have_long_line, stuff, unstuff
 
 
 def read_all(chunks: list[bytes], **kw: int) -> tuple[DotReader, bytes | None]:
@@ -104,3 +104,13 @@ def test_encode_then_read_round_trips(pieces: list[bytes]) -> None:
     r, rest = read_all([encode_data(body)])
     assert r.done and r.error is None and rest == b""
     assert r.content() == body
+
+
+@given(st.lists(st.integers(0, 300), max_size=30), st.integers(1, 200))
+def test_the_long_line_screen_never_misses_one(lengths: list[int], limit: int) -> None:
+    """The reader's quick screen may say "maybe" for short lines, never "no" for a long one."""
+    data = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    if any(n > limit for n in lengths):
+        assert may_have_long_line(data, limit)
+    if lengths and max(lengths) + 2 <= max(1, (limit + 1) // 2):  # every window holds an LF: a clear "no"
+        assert not may_have_long_line(data, limit)
