@@ -227,3 +227,32 @@ def test_a_failed_wal_fsync_fails_the_batch(
     first, second, third = asyncio.run(main())
     assert isinstance(first, expected) and isinstance(second, expected)
     assert third == 3
+
+
+def test_without_wal_commits_stay_synchronous_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where WAL cannot be used, SQLite keeps a rollback journal: then COMMIT itself must sync (FULL), and
+    there is no WAL file for the writer to sync."""
+    import postroom.store.sqlite_db as sqlite_db
+
+    real_connect = sqlite_db.connect
+
+    def rollback_journal(path: Path) -> sqlite3.Connection:
+        conn = real_connect(path)
+        conn.execute("PRAGMA journal_mode=DELETE")
+        return conn
+
+    monkeypatch.setattr(sqlite_db, "connect", rollback_journal)
+    path = tmp_path / "db"
+    writer = _writer(path)
+
+    async def main() -> tuple[int, int]:
+        writer.start()
+        try:
+            value = await writer.submit(insert("a", 1))
+            assert writer._conn is not None
+            return value, writer._conn.execute("PRAGMA synchronous").fetchone()[0]
+        finally:
+            writer.stop()
+
+    assert asyncio.run(main()) == (1, 2)  # 2: FULL
+    assert not (tmp_path / "db-wal").exists()

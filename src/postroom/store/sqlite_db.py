@@ -8,7 +8,8 @@ Invariants:
   one session: medians 17,700 → 19,600 appends/s). Callers are answered and changes announced only after
   that fsync, so "returned" still means "durable". Another connection may *read* a commit a moment before
   it is durable; WAL frames are checksummed in a chain, so after a crash no later commit survives
-  without it. Other connections (schema set-up, migrations) keep ``synchronous=FULL``.
+  without it. Other connections (schema set-up, migrations) keep ``synchronous=FULL``, and so does the
+  writer where SQLite could not switch to WAL (a rollback journal: there COMMIT itself must sync).
 - All writes go through one :class:`GroupCommitWriter` thread per process. It takes every job queued
   while the previous commit was running, runs them inside one ``BEGIN IMMEDIATE`` transaction and commits
   once: one fsync for the whole batch (group commit). A failing job fails only its own caller: when a job
@@ -247,12 +248,16 @@ class GroupCommitWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd = -1
         self._wal_fd = -1  # opened after the first commit, kept while the connection keeps the WAL alive
+        self._own_sync = False  # True in WAL mode: commits with synchronous=NORMAL, then _sync_wal
         self.commits = 0  # statistics: transactions committed
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._conn = connect(self._path)
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # the WAL is fsynced by _sync_wal, outside the lock
+        mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
+        self._own_sync = str(mode).lower() == "wal"  # else (a file system without WAL): COMMIT syncs, FULL
+        if self._own_sync:
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # the WAL is fsynced by _sync_wal, outside the lock
         self._lock_fd = os.open(str(self._path) + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._thread.start()
 
@@ -335,7 +340,8 @@ class GroupCommitWriter:
         if not committed:
             return None
         try:
-            self._sync_wal()
+            if self._own_sync:
+                self._sync_wal()
         except OSError as exc:
             # Committed, visible, but maybe not on disk: every caller hears a failure (SMTP: 451, so the
             # client retries; at worst the message is then stored twice, never acknowledged and lost).
