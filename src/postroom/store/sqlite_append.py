@@ -29,7 +29,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,12 +115,12 @@ class AppendMixin:
             result: list[tuple[int, int]] = many(c, [job], t)[0]
             return result
 
+        prepare: Callable[[], None] | None = job.prepare
+        if len(raw) <= LOOP_ANALYZE_MAX:
+            job.prepare()  # here, on the event loop: see the module invariants
+            prepare = None
         try:
-            if len(raw) <= LOOP_ANALYZE_MAX:
-                job.prepare()  # here, on the event loop: see the module invariants
-                result: list[tuple[int, int]] = await writer.submit(one, None, many, job)
-            else:
-                result = await writer.submit(one, job.prepare, many, job)
+            result: list[tuple[int, int]] = await writer.submit(one, prepare, many, job)
         except BaseException:
             if path is not None:
                 await asyncio.to_thread(self._remove_blob_file, path)
