@@ -9,12 +9,15 @@ from __future__ import annotations
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from postroom.auth.service import Authenticator
 from postroom.config import Config
 from postroom.net.connection import Connection
 from postroom.store.api import Store
+
+if TYPE_CHECKING:
+    from postroom.net.served import ServedProtocol
 
 TlsMode = Literal["implicit", "starttls"]
 
@@ -43,4 +46,7 @@ class App:
 
 
 #: A protocol adapter: serves one connection until it ends. It must never swallow CancelledError.
-Handler = Callable[[Connection, App, ListenerSpec], Awaitable[None]]
+ConnectionHandler = Callable[[Connection, App, ListenerSpec], Awaitable[None]]
+#: What a listener serves its connections with: a connection handler (run in a task per connection) or a
+#: callback-driven session class (:class:`postroom.net.served.ServedProtocol`, no task per connection).
+Handler = ConnectionHandler | type["ServedProtocol"]

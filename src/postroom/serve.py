@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 #: service → "module:attribute" of its handler. Imported lazily; a missing module skips the service.
 HANDLERS: dict[str, str] = {
-    "smtp": "postroom.smtp.adapter:handle",
-    "submission": "postroom.smtp.adapter:handle",
-    "submissions": "postroom.smtp.adapter:handle",
+    "smtp": "postroom.smtp.adapter:SmtpSession",
+    "submission": "postroom.smtp.adapter:SmtpSession",
+    "submissions": "postroom.smtp.adapter:SmtpSession",
     "pop3": "postroom.pop3.adapter:handle",
     "pop3s": "postroom.pop3.adapter:handle",
     "imap": "postroom.imap.adapter:handle",

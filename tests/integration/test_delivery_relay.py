@@ -105,7 +105,7 @@ class Instance:
 
     async def start_listener(self, service: str, host: str, port: int) -> int:
         tls: TlsMode = "implicit" if service == "submissions" else "starttls"
-        lst = Listener(ListenerSpec(service, host, port, tls), self.app, smtp_adapter.handle)
+        lst = Listener(ListenerSpec(service, host, port, tls), self.app, smtp_adapter.SmtpSession)
         await lst.start()
         self.listeners[service] = lst
         return lst.port

@@ -19,7 +19,36 @@ import ssl
 from typing import Any, cast
 
 
-class Connection(asyncio.Protocol):
+class TransportOwner:
+    """What a served connection knows about its transport and peer: shared by :class:`Connection` (the
+    pull API) and :class:`postroom.net.served.ServedProtocol` (callback-driven sessions)."""
+
+    transport: asyncio.Transport | None
+    peer: tuple[str, int]
+    is_tls: bool
+    tls_info: str  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", for Received: headers
+
+    def note_tls(self, transport: asyncio.BaseTransport) -> None:
+        self.is_tls = True
+        obj: Any = transport.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher()
+            self.tls_info = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.peer[0])
+
+
+class Connection(TransportOwner, asyncio.Protocol):
     """An asyncio Protocol with a small pull API for the protocol adapters."""
 
     HIGH_WATER = 256 * 1024  # octets buffered for writing before ``drain`` blocks
@@ -50,7 +79,7 @@ class Connection(asyncio.Protocol):
         self.local = (str(local[0]), int(local[1])) if local else ("", 0)
         self.transport.set_write_buffer_limits(high=self.HIGH_WATER)
         if transport.get_extra_info("ssl_object") is not None:
-            self._note_tls(transport)
+            self.note_tls(transport)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -149,24 +178,9 @@ class Connection(asyncio.Protocol):
         # No second clear here: from the handshake on, every byte comes decrypted through the TLS transport
         # (plaintext sent early is fed to the handshake and fails it). A fast client's first command may
         # already be buffered when the handshake completes; discarding it would hang the session.
-        self._note_tls(new_transport)
+        self.note_tls(new_transport)
 
-    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
-        self.is_tls = True
-        obj: Any = transport.get_extra_info("ssl_object")
-        if obj is not None:
-            cipher = obj.cipher()
-            self.tls_info = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
 
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def is_loopback(self) -> bool:
-        host = self.peer[0]
-        return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8 and ::1, also written as IPv4-mapped IPv6."""
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")

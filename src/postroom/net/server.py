@@ -3,7 +3,9 @@
 Invariants:
 - On an implicit-TLS listener the handshake completes before the handler sees a byte, and uses the
   *current* ``App.tls`` (a SIGHUP reload reaches listeners that already exist, see ``net.tls.follow``).
-- Every handler runs in its own task, tracked in ``Listener.sessions`` so shutdown can drain them.
+- Every connection handler runs in its own task, tracked in ``Listener.sessions`` so shutdown can drain
+  them; a callback-driven session (a :class:`~postroom.net.served.ServedProtocol` class as the handler) is
+  tracked by its ``done`` future instead.
 - Connection limits (``[net] max_connections`` per worker over all listeners of one App,
   ``max_connections_per_ip`` per listener) are checked when a connection is accepted; a connection over a
   limit gets the service's "try later" line (:data:`REFUSALS`) and is closed without reaching the handler.
@@ -23,12 +25,14 @@ import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
-from postroom.app import App, Handler, ListenerSpec
+from postroom.app import App, ConnectionHandler, Handler, ListenerSpec
 from postroom.errors import PostroomError
 from postroom.log import new_connection_id
 from postroom.net import tls as tls_mod
 from postroom.net.connection import Connection
+from postroom.net.served import ServedProtocol
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,7 @@ class Listener:
         self.spec = spec
         self.app = app
         self.handler = handler
-        self.sessions: set[asyncio.Task[None]] = set()
+        self.sessions: set[asyncio.Future[None]] = set()  # a task per pull session, a future per served one
         self.server: asyncio.Server | None = None
         self.per_ip: dict[str, int] = {}
         self.refused = 0  # connections turned away by a limit, for tests and metrics
@@ -138,8 +142,11 @@ class Listener:
         assert self._port is not None, "Listener.port before start()"
         return self._port
 
-    def _factory(self) -> Connection:
-        return _ServedConnection(self)
+    def _factory(self) -> asyncio.Protocol:
+        handler = self.handler
+        if isinstance(handler, type):  # a callback-driven session class (net.served)
+            return cast(type[ServedProtocol], handler)(self)
+        return _ServedConnection(self, handler)
 
     async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
         """Listen on ``spec.host:spec.port`` (or on ``sock``, already bound). Raises ListenError."""
@@ -174,6 +181,36 @@ class Listener:
         await shutdown([self], grace, announce=False)
 
     # -- limits -----------------------------------------------------------------------------------
+    def admit_session(self, session: ServedProtocol, ip: str) -> asyncio.Future[None] | None:
+        """Admit a callback-driven session: its ``done`` future, tracked in :attr:`sessions` until it is
+        resolved (connection lost) or cancelled (shutdown); None when refused (answered and closed)."""
+        if not self._admit_or_refuse(session, session.conn_id, ip):
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._track(done, ip)
+        return done
+
+    def _admit_or_refuse(self, conn: Connection | ServedProtocol, conn_id: str, ip: str) -> bool:
+        if self.closing:  # accepted (e.g. mid-handshake) just as the listener closed
+            conn.abort()
+            return False
+        if self._admit(ip):
+            return True
+        self.refused += 1
+        log.warning("%s: refused connection %s from %s: too many connections", self.spec.service, conn_id, ip)
+        conn.write(REFUSALS.get(self.spec.service, "").format(host=self.app.hostname).encode())
+        conn.close()
+        return False
+
+    def _track(self, session: asyncio.Future[None], ip: str) -> None:
+        self.sessions.add(session)
+
+        def done(f: asyncio.Future[None]) -> None:
+            self.sessions.discard(f)
+            self._release(ip)
+
+        session.add_done_callback(done)
+
     def _admit(self, ip: str) -> bool:
         shared = _shared(self.app)
         limits = self.app.config.net
@@ -205,7 +242,7 @@ async def shutdown(listeners: Iterable[Listener], grace: float, *, announce: boo
         if announce:
             _shared(listener.app).stopping.set()
     sessions = {task for listener in listeners for task in listener.sessions}
-    pending: set[asyncio.Task[None]] = set()
+    pending: set[asyncio.Future[None]] = set()
     if sessions:
         _, pending = await asyncio.wait(sessions, timeout=max(grace, 0.0))
     for task in pending:
@@ -222,42 +259,24 @@ async def shutdown(listeners: Iterable[Listener], grace: float, *, announce: boo
 
 
 class _ServedConnection(Connection):
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, handler: ConnectionHandler) -> None:
         super().__init__()
         self.listener = listener
+        self.handler = handler
         self.conn_id = new_connection_id()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         listener = self.listener
         ip = self.peer[0]
-        if listener.closing:  # accepted (e.g. mid-handshake) just as the listener closed
-            self.abort()
-            return
-        if not listener._admit(ip):
-            listener.refused += 1
-            log.warning(
-                "%s: refused connection %s from %s: too many connections",
-                listener.spec.service,
-                self.conn_id,
-                ip,
-            )
-            refusal = REFUSALS.get(listener.spec.service, "")
-            self.write(refusal.format(host=listener.app.hostname).encode())
-            self.close()
+        if not listener._admit_or_refuse(self, self.conn_id, ip):
             return
         task = asyncio.get_running_loop().create_task(self._run())
-        listener.sessions.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            listener.sessions.discard(t)
-            listener._release(ip)
-
-        task.add_done_callback(done)
+        listener._track(task, ip)
 
     async def _run(self) -> None:
         try:
-            await self.listener.handler(self, self.listener.app, self.listener.spec)
+            await self.handler(self, self.listener.app, self.listener.spec)
         except asyncio.CancelledError:
             self.abort()
             raise

@@ -1,5 +1,13 @@
-"""The asyncio adapter: runs one :class:`~postroom.smtp.server.SmtpServer` core over a Connection and makes
-its decisions with the store, the authenticator and the config.
+"""The asyncio adapter: one :class:`SmtpSession` per connection runs a sans-I/O
+:class:`~postroom.smtp.server.SmtpServer` core and makes its decisions with the store, the authenticator and
+the config.
+
+The session is callback-driven (:class:`~postroom.net.served.ServedProtocol`): received bytes go straight
+into the core, and every decision that needs no I/O (MX senders, recipients found in the lookup cache) is
+answered on the spot. Only a step that must wait — storing a message, an uncached recipient lookup, a
+password check, a TLS handshake — runs as a task; while it runs, received bytes are held (and reading is
+paused past :data:`HOLD_LIMIT`) and fed to the core when it ends. Most MX sessions therefore cost one task,
+for the delivery, instead of a task and a future per read.
 
 Invariants:
 - **250 means durable**: the reply to the final dot / BDAT LAST is queued only after ``store.append``
@@ -8,14 +16,17 @@ Invariants:
 - Remote recipients (submission only) go to the outbound queue through the same ``append`` call, in the
   same commit as the local copies. ``Return-Path:`` is added only when there are local recipients; the
   queue runner drops a leading ``Return-Path:`` before relaying (RFC 5321 §4.4).
-- After STARTTLS the Connection drops unread plaintext and the core drops what it buffered.
+- Replies go out in command order: the core processes no input while a decision is pending, and the
+  session writes what the core queued whenever it needs more input.
+- STARTTLS: plaintext held or buffered after the command is dropped before the handshake, and the core
+  drops what it buffered (RFC 3207 §4.2, the CVE-2011-0411 class).
 - Deadlines: a command must be complete within ``command_timeout`` of the previous one (a client trickling
   bytes does not reset it); message content must progress every ``data_timeout`` and finish within
-  ``data_deadline``. Then 421 and close.
+  ``data_deadline``. Then 421 and close. No deadline runs while a step (our own work) runs.
 - Graceful shutdown (``net.server.shutdown_event``): a session waiting for a command answers ``421 4.3.2``
   and closes; one receiving or storing a message finishes it (250 or 4xx) and then says 421.
 - CancelledError is never swallowed; an unexpected exception while delivering becomes 451 4.3.0 and is
-  logged with its traceback.
+  logged with its traceback; one anywhere else is logged and the connection aborted.
 """
 
 from __future__ import annotations
@@ -26,15 +37,15 @@ import logging
 import math
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from postroom.app import App, ListenerSpec
+from postroom.app import App
 from postroom.errors import StoreFullError
-from postroom.net.connection import Connection
-from postroom.net.server import shutdown_event
+from postroom.net.served import ServedProtocol
+from postroom.net.server import Listener, shutdown_event
 from postroom.smtp import policy, trace
-from postroom.smtp.events import AuthAttempt, Close, MailFrom, Message, NeedData, RcptTo, StartTls
+from postroom.smtp.events import NEED_DATA, AuthAttempt, Close, Event, MailFrom, Message, RcptTo, StartTls
 from postroom.smtp.server import Settings, SmtpServer
 from postroom.store.api import Account, AppendTarget, OutboundEnvelope, OutboundRecipient
 from postroom.wire import replies
@@ -44,17 +55,16 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 _PREFIX = os.urandom(3).hex()
 
-#: How often (seconds) sessions waiting for a command look for a graceful shutdown (one timer per App).
+#: How often (seconds) the sessions of an App look for a graceful shutdown (one timer per App).
 SHUTDOWN_POLL = 0.5
 #: Recipient lookups are cached this long (seconds) per process; a new account is found within it.
 RCPT_CACHE_TTL = 2.0
 RCPT_CACHE_SIZE = 10_000
+#: Octets received while a step runs (e.g. a client pipelining after its final dot) before reading pauses.
+HOLD_LIMIT = 1024 * 1024
+SUBMISSION_SERVICES = frozenset({"submission", "submissions"})
 
-
-class _ConnLog(logging.LoggerAdapter[logging.Logger]):
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        assert self.extra is not None
-        return f"[{self.extra['cid']} {self.extra['peer']}] {msg}", kwargs
+Step = Coroutine[Any, Any, None]
 
 
 class _Local:
@@ -66,9 +76,14 @@ class _Local:
         self.mailbox_id = mailbox_id
 
 
+def _rcpt_cache(app: App) -> dict[str, tuple[float, int]]:
+    cache: dict[str, tuple[float, int]] = app.extras.setdefault("smtp.rcpt_cache", {})
+    return cache
+
+
 async def _inbox_for(app: App, key: str) -> int | None:
     """The INBOX mailbox id mail to ``key`` lands in (alias-resolved), cached briefly per process."""
-    cache: dict[str, tuple[float, int | None]] = app.extras.setdefault("smtp.rcpt_cache", {})
+    cache = _rcpt_cache(app)
     now = time.monotonic()
     hit = cache.get(key)
     if hit is not None and hit[0] > now:
@@ -86,206 +101,318 @@ async def _inbox_for(app: App, key: str) -> int | None:
     return mailbox_id
 
 
-class _Deadline:
-    """One timer per session instead of one per read (an ``asyncio.timeout`` per read costs a timer
-    handle, a heap push and a cancel each time). ``arm(when)`` before a read, ``disarm()`` after; when
-    the timer finds an armed deadline passed it cancels the task, and :meth:`expired` claims that."""
-
-    __slots__ = ("_fired", "_handle", "_loop", "_task", "_when")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object]) -> None:
-        self._loop = loop
-        self._task = task
-        self._when = math.inf
-        self._handle: asyncio.TimerHandle | None = None
-        self._fired = False
-
-    def arm(self, when: float) -> None:
-        self._when = when
-        handle = self._handle
-        if handle is None or handle.when() > when:
-            if handle is not None:
-                handle.cancel()
-            self._handle = self._loop.call_at(when, self._check)
-
-    def disarm(self) -> None:
-        self._when = math.inf  # the timer stays; when it fires it finds nothing armed and stops
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def interrupt(self) -> None:
-        """End the current read now (graceful shutdown); no-op when no read is armed."""
-        if self._when != math.inf:
-            self._fired = True
-            self._task.cancel()
-
-    def _check(self) -> None:
-        self._handle = None
-        if self._when == math.inf:
-            return
-        if self._loop.time() < self._when:
-            self._handle = self._loop.call_at(self._when, self._check)
-            return
-        self._fired = True
-        self._task.cancel()
-
-    def expired(self) -> bool:
-        """True (once) when the CancelledError being handled came from this deadline."""
-        if not self._fired:
-            return False
-        self._fired = False
-        return self._task.uncancel() == 0
-
-
-class _Idle:
-    """Sessions waiting for their next command. When the server begins a graceful shutdown they answer
-    ``421 4.3.2`` and close at once; sessions busy with a message finish it first. One polling timer per
-    App while any session waits, instead of a waiter task per connection."""
+class _Sessions:
+    """The live SMTP sessions of one App. While there are any, a timer looks every :data:`SHUTDOWN_POLL`
+    seconds for a graceful shutdown and tells the sessions waiting for a command to say 421 and close
+    (sessions busy with a message notice it when they finish). One timer per App, not one per session."""
 
     def __init__(self, app: App, loop: asyncio.AbstractEventLoop) -> None:
         self.stopping = shutdown_event(app)
         self.loop = loop
-        self.waiting: set[_Deadline] = set()
+        self.live: set[SmtpSession] = set()
         self._handle: asyncio.TimerHandle | None = None
 
     @staticmethod
-    def of(app: App) -> _Idle:
-        idle = app.extras.get("smtp.idle")
+    def of(app: App) -> _Sessions:
+        sessions = app.extras.get("smtp.sessions")
         loop = asyncio.get_running_loop()
-        if not isinstance(idle, _Idle) or idle.loop is not loop:
-            idle = _Idle(app, loop)
-            app.extras["smtp.idle"] = idle
-        return idle
+        if not isinstance(sessions, _Sessions) or sessions.loop is not loop:
+            sessions = _Sessions(app, loop)
+            app.extras["smtp.sessions"] = sessions
+        return sessions
 
-    def add(self, deadline: _Deadline) -> None:
-        self.waiting.add(deadline)
+    def add(self, session: SmtpSession) -> None:
+        self.live.add(session)
         if self._handle is None:
             self._handle = self.loop.call_later(SHUTDOWN_POLL, self._poll)
 
     def _poll(self) -> None:
         self._handle = None
         if self.stopping.is_set():
-            for deadline in list(self.waiting):
-                deadline.interrupt()
-        elif self.waiting:
+            for session in list(self.live):
+                session.interrupt_if_idle()
+        if self.live:
             self._handle = self.loop.call_later(SHUTDOWN_POLL, self._poll)
 
 
-class Session:
-    """One SMTP connection: the core, the connection and the decisions."""
+class SmtpSession(ServedProtocol):
+    """One SMTP connection (MX on ``smtp``, submission on ``submission``/``submissions``): the core, the
+    transport and the decisions. See the module docstring for the invariants."""
 
-    def __init__(self, conn: Connection, app: App, spec: ListenerSpec) -> None:
-        self.conn = conn
-        self.app = app
-        self.spec = spec
-        self.limits = app.config.smtp
-        self.submission = spec.service in ("submission", "submissions")
+    def __init__(self, listener: Listener) -> None:
+        super().__init__(listener)
+        self.limits = self.app.config.smtp
+        self.submission = self.spec.service in SUBMISSION_SERVICES
         self.account: Account | None = None
-        self.log = _ConnLog(log, {"cid": f"{_PREFIX}{next(_ids):x}", "peer": conn.peer[0]})
-        plaintext_ok = app.config.auth.allow_plaintext_on_loopback and conn.is_loopback
+        self.core: SmtpServer | None = None
+        self._loop = asyncio.get_running_loop()
+        self._sessions = _Sessions.of(self.app)
+        self._step: asyncio.Task[None] | None = None
+        self._held: list[bytes] = []  # received while a step runs
+        self._held_size = 0
+        self._closing = False  # the core said Close: the last reply is written, the transport closing
+        self._seen_commands = -1
+        self._command_deadline = 0.0
+        self._data_deadline: float | None = None
+        self._when = math.inf  # the armed deadline; inf when none
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the connection ---------------------------------------------------------------------------------
+    def session_started(self) -> None:
+        app = self.app
         self.core = SmtpServer(
             Settings(
                 hostname=app.hostname,
                 limits=self.limits,
                 submission=self.submission,
-                tls=conn.is_tls,
-                starttls=not conn.is_tls,
-                plaintext_auth=plaintext_ok,
+                tls=self.is_tls,
+                starttls=not self.is_tls,
+                plaintext_auth=app.config.auth.allow_plaintext_on_loopback and self.is_loopback,
             )
         )
+        self._sessions.add(self)
+        self._pump()
 
-    async def run(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = _Deadline(asyncio.get_running_loop(), task)
+    def data_received(self, data: bytes) -> None:
+        if self._step is not None:
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > HOLD_LIMIT:
+                self.pause_reading()
+            return
+        core = self.core
+        if core is None:
+            return  # refused by the listener
         try:
-            await self._loop(deadline)
-        finally:
-            deadline.close()
+            core.receive_data(data)
+            self._pump()
+        except Exception:
+            self._log(logging.ERROR, "session failed", exc_info=True)
+            self.abort()
 
-    async def _loop(self, deadline: _Deadline) -> None:
-        core, conn, limits = self.core, self.conn, self.limits
-        loop = asyncio.get_running_loop()
-        idle = _Idle.of(self.app)
-        seen_commands = -1
-        command_deadline = 0.0
-        data_deadline: float | None = None
-        while True:
+    def session_ended(self) -> None:
+        self._stop()
+
+    def session_cancelled(self) -> None:
+        self._stop()
+        if self._step is not None:
+            self._step.cancel()
+        self.abort()
+
+    def _stop(self) -> None:
+        self._sessions.live.discard(self)
+        self._when = math.inf
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        log.log(level, "[%s %s] " + msg, self.conn_id, self.peer[0], *args, exc_info=exc_info)
+
+    # -- the core's events ------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Run the core until it needs input or a step must wait; write what it queued."""
+        core = self.core
+        assert core is not None
+        while not self.lost:
             event = core.next_event()
-            if isinstance(event, NeedData):
-                out = core.data_to_send()
-                if out:
-                    conn.write(out)
-                    if conn.write_blocked:
-                        await conn.drain()
-                now = loop.time()
-                if core.in_data:
-                    if data_deadline is None:
-                        data_deadline = now + limits.data_deadline
-                    until = min(now + limits.data_timeout, data_deadline)
-                else:
-                    data_deadline = None
-                    if core.commands != seen_commands:
-                        seen_commands = core.commands
-                        command_deadline = now + limits.command_timeout
-                    until = command_deadline
-                between_commands = not core.in_data
-                if between_commands and idle.stopping.is_set():
-                    core.shutting_down()  # 421 4.3.2: the server is going away (RFC 5321 §3.8)
-                    continue
-                data = b""
-                if until > now:
-                    deadline.arm(until)
-                    if between_commands:
-                        idle.add(deadline)
-                    try:
-                        data = await conn.read(65536)
-                    except asyncio.CancelledError:
-                        if not deadline.expired():
-                            raise
-                        if idle.stopping.is_set() and between_commands:
-                            continue  # back to the top: 421 4.3.2 and close
-                        until = now
-                    finally:
-                        deadline.disarm()
-                        idle.waiting.discard(deadline)
-                if until <= now:
-                    self.log.warning("timeout, closing")
-                    core.timed_out()
-                    continue
-                if not data:
-                    return
-                core.receive_data(data)
-            elif isinstance(event, RcptTo):
-                reply, token = await self._rcpt(event)
-                core.answer(reply, token)
-            elif isinstance(event, Message):
-                core.answer(await self._deliver(event))
-            elif isinstance(event, MailFrom):
-                core.answer(await self._mail(event))
-            elif isinstance(event, AuthAttempt):
-                await self._auth(event)
-            elif isinstance(event, StartTls):
-                conn.write(core.data_to_send())
-                await conn.drain()
-                try:
-                    await conn.start_tls(self.app.tls, timeout=self.app.config.net.tls_handshake_timeout)
-                except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-                    self.log.warning("STARTTLS handshake failed: %s", exc)
-                    conn.abort()
-                    return
-                core.tls_started()
-                seen_commands = -1
-            elif isinstance(event, Close):
-                conn.write(core.data_to_send())
-                await conn.drain()
-                conn.close()
+            if event is NEED_DATA:
+                self._flush()
+                if not self._closing:
+                    self._await_input(core)
+                return
+            react = REACTIONS[type(event)]
+            step = react(self, event)
+            if step is not None:
+                self._step = self._loop.create_task(self._run_step(step))
                 return
 
-    # -- decisions --------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        assert self.core is not None
+        out = self.core.data_to_send()
+        if out:
+            self.write(out)
+
+    async def _run_step(self, step: Step) -> None:
+        try:
+            await step
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log(logging.ERROR, "session failed", exc_info=True)
+            self.abort()
+            return
+        finally:
+            self._step = None
+        if self.lost:
+            return
+        held, self._held = self._held, []
+        if self._held_size > HOLD_LIMIT:
+            self.resume_reading()
+        self._held_size = 0
+        assert self.core is not None
+        for data in held:
+            self.core.receive_data(data)
+        self._pump()
+
+    def _await_input(self, core: SmtpServer) -> None:
+        """Between reads: arm the deadline for the next bytes, or answer a timeout or a shutdown."""
+        limits = self.limits
+        now = self._loop.time()
+        if core.in_data:
+            if self._data_deadline is None:
+                self._data_deadline = now + limits.data_deadline
+            until = min(now + limits.data_timeout, self._data_deadline)
+        else:
+            self._data_deadline = None
+            if core.commands != self._seen_commands:
+                self._seen_commands = core.commands
+                self._command_deadline = now + limits.command_timeout
+            until = self._command_deadline
+            if self._sessions.stopping.is_set():
+                core.shutting_down()  # 421 4.3.2: the server is going away (RFC 5321 §3.8)
+                self._pump()
+                return
+        if until <= now:
+            self._time_out(core)
+            return
+        self._when = until
+        timer = self._timer
+        if timer is None or timer.when() > until:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(until, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        # One timer per session, moved only when a deadline comes nearer: usually a single timer handle
+        # serves the whole connection, instead of one per read.
+        self._timer = None
+        if self._when == math.inf or self._step is not None or self.lost or self._closing:
+            return
+        if self._loop.time() < self._when:
+            self._timer = self._loop.call_at(self._when, self._check_deadline)
+            return
+        assert self.core is not None
+        self._time_out(self.core)
+
+    def _time_out(self, core: SmtpServer) -> None:
+        self._when = math.inf
+        self._log(logging.WARNING, "timeout, closing")
+        core.timed_out()
+        self._pump()
+
+    def interrupt_if_idle(self) -> None:
+        """Graceful shutdown: a session waiting for a command says 421 4.3.2 and closes now."""
+        core = self.core
+        if core is None or self._step is not None or self.lost or self._closing or core.in_data:
+            return
+        core.shutting_down()
+        self._pump()
+
+    def _on_close(self, event: Event) -> None:
+        self._closing = True
+        self._stop()
+        self._flush()
+        self.close()
+
+    def _on_mail(self, event: Event) -> Step | None:
+        assert isinstance(event, MailFrom)
+        if not self.submission:
+            self._answer(replies.SENDER_OK)
+            return None
+        return self._mail_step(event)
+
+    def _on_rcpt(self, event: Event) -> Step | None:
+        assert isinstance(event, RcptTo)
+        route = policy.route_recipient(
+            event.address,
+            submission=self.submission,
+            authenticated=self.account is not None,
+            is_local_domain=self.app.config.is_local_domain,
+        )
+        if isinstance(route, Reply):
+            self._log(logging.WARNING, "relay attempt to %s refused", str(event.address)[:100])
+            self._answer(route)
+            return None
+        if route == "remote":
+            self._answer(replies.RECIPIENT_OK, OutboundRecipient(str(event.address), event.notify, event.orcpt))
+            return None
+        key = policy.postmaster_address(event.address, self.app.config.domains)
+        if key is None:
+            self._answer(replies.UNKNOWN_USER)
+            return None
+        hit = _rcpt_cache(self.app).get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            self._answer(replies.RECIPIENT_OK, _Local(hit[1]))
+            return None
+        return self._rcpt_step(key)
+
+    def _answer(self, reply: Reply, token: Any = None) -> None:
+        assert self.core is not None
+        self.core.answer(reply, token)
+
+    def _on_message(self, event: Event) -> Step:
+        assert isinstance(event, Message)
+        return self._deliver_step(event)
+
+    def _on_auth(self, event: Event) -> Step:
+        assert isinstance(event, AuthAttempt)
+        return self._auth_step(event)
+
+    def _on_starttls(self, event: Event) -> Step:
+        return self._starttls_step()
+
+    # -- steps (tasks) ----------------------------------------------------------------------------------
+    async def _mail_step(self, event: MailFrom) -> None:
+        self._answer(await self._mail(event))
+
+    async def _rcpt_step(self, key: str) -> None:
+        mailbox_id = await _inbox_for(self.app, key)
+        if mailbox_id is None:
+            self._answer(replies.UNKNOWN_USER)
+        else:
+            self._answer(replies.RECIPIENT_OK, _Local(mailbox_id))
+
+    async def _deliver_step(self, event: Message) -> None:
+        self._answer(await self._deliver(event))
+
+    async def _starttls_step(self) -> None:
+        core = self.core
+        assert core is not None and self.transport is not None
+        self._flush()  # the 220
+        self._held.clear()  # RFC 3207 §4.2: plaintext pipelined after STARTTLS is discarded
+        try:
+            transport = await self._loop.start_tls(
+                self.transport,
+                self,
+                self.app.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.app.config.net.tls_handshake_timeout,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._log(logging.WARNING, "STARTTLS handshake failed: %s", exc)
+            self.abort()
+            return
+        if transport is None:  # pragma: no cover - only when the transport closed meanwhile
+            self.abort()
+            return
+        self.transport = transport
+        self.note_tls(transport)
+        core.tls_started()
+        self._seen_commands = -1
+
+    async def _auth_step(self, event: AuthAttempt) -> None:
+        creds = event.credentials
+        account = None
+        if not creds.authzid or creds.authzid.lower() == creds.username.strip().lower():
+            account = await self.app.auth.authenticate(creds.username, creds.password, self.peer[0])
+        self.account = account
+        assert self.core is not None
+        self.core.answer_auth(account.address if account is not None else None)
+        if account is not None:
+            self._log(logging.INFO, "authenticated as %s (%s)", account.address, event.mechanism)
+
+    # -- decisions -------------------------------------------------------------------------------
     async def _mail(self, event: MailFrom) -> Reply:
         if not self.submission:
             return replies.SENDER_OK
@@ -299,37 +426,8 @@ class Session:
         owner = await self.app.store.resolve(key)
         if owner is not None and owner.id == account.id:
             return replies.SENDER_OK
-        self.log.warning("sender %s not owned by %s", key[:100], account.address)
+        self._log(logging.WARNING, "sender %s not owned by %s", key[:100], account.address)
         return replies.SENDER_NOT_OWNED
-
-    async def _rcpt(self, event: RcptTo) -> tuple[Reply, Any]:
-        address = event.address
-        route = policy.route_recipient(
-            address,
-            submission=self.submission,
-            authenticated=self.account is not None,
-            is_local_domain=self.app.config.is_local_domain,
-        )
-        if isinstance(route, Reply):
-            self.log.warning("relay attempt to %s refused", str(address)[:100])
-            return route, None
-        if route == "remote":
-            return replies.RECIPIENT_OK, OutboundRecipient(str(address), event.notify, event.orcpt)
-        key = policy.postmaster_address(address, self.app.config.domains)
-        mailbox_id = await _inbox_for(self.app, key) if key else None
-        if mailbox_id is None:
-            return replies.UNKNOWN_USER, None
-        return replies.RECIPIENT_OK, _Local(mailbox_id)
-
-    async def _auth(self, event: AuthAttempt) -> None:
-        creds = event.credentials
-        account = None
-        if not creds.authzid or creds.authzid.lower() == creds.username.strip().lower():
-            account = await self.app.auth.authenticate(creds.username, creds.password, self.conn.peer[0])
-        self.account = account
-        self.core.answer_auth(account.address if account is not None else None)
-        if account is not None:
-            self.log.info("authenticated as %s (%s)", account.address, event.mechanism)
 
     async def _deliver(self, event: Message) -> Reply:
         env = event.envelope
@@ -346,11 +444,11 @@ class Session:
         only = env.recipients[0].rcpt.address if len(env.recipients) == 1 else None
         received = trace.received(
             helo=env.helo,
-            peer_ip=self.conn.peer[0],
+            peer_ip=self.peer[0],
             hostname=self.app.hostname,
             protocol=env.protocol,
             queue_id=queue_id,
-            tls_info=self.conn.tls_info if self.conn.is_tls else "",
+            tls_info=self.tls_info if self.is_tls else "",
             recipient=only,
         )
         mail = env.mail
@@ -370,14 +468,15 @@ class Session:
         try:
             await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes], outbound)
         except StoreFullError:
-            self.log.error("store full, message %s refused", queue_id)
+            self._log(logging.ERROR, "store full, message %s refused", queue_id)
             return replies.STORAGE_FULL
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.log.exception("storing message %s failed", queue_id)
+            self._log(logging.ERROR, "storing message %s failed", queue_id, exc_info=True)
             return replies.LOCAL_ERROR
-        self.log.info(
+        self._log(
+            logging.INFO,
             "stored id=%s size=%d local=%d remote=%d with=%s",
             queue_id,
             len(event.data),
@@ -388,6 +487,12 @@ class Session:
         return Reply.of(250, "2.0.0", f"OK id={queue_id}")
 
 
-async def handle(conn: Connection, app: App, spec: ListenerSpec) -> None:
-    """Serve one SMTP connection (MX on ``smtp``, submission on ``submission``/``submissions``)."""
-    await Session(conn, app, spec).run()
+#: What the session does with each event the core hands out: answer it now (None) or start a step.
+REACTIONS: dict[type[Event], Callable[[SmtpSession, Event], Step | None]] = {
+    MailFrom: SmtpSession._on_mail,
+    RcptTo: SmtpSession._on_rcpt,
+    Message: SmtpSession._on_message,
+    AuthAttempt: SmtpSession._on_auth,
+    StartTls: SmtpSession._on_starttls,
+    Close: SmtpSession._on_close,
+}

@@ -1,0 +1,179 @@
+"""The callback-driven SMTP session (``smtp.adapter.SmtpSession``) while a step is running.
+
+The store's ``append`` is held at a gate, so the session is caught in the middle of a delivery: bytes the
+client sends meanwhile must be held and answered afterwards in order, a flood of them must pause reading
+(and lose nothing), and a graceful shutdown must let the message finish with 250 before saying 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conftest import RunningServer
+from postroom.net.server import shutdown
+from postroom.smtp import adapter
+
+ALICE, ALICE_PW = "alice@example.test", "alice-pass-1"
+Factory = Callable[..., RunningServer]
+pytestmark = pytest.mark.timeout(60)
+
+TRANSACTION = b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<%s>\r\nDATA\r\nSubject: %s\r\n\r\nbody\r\n.\r\n"
+
+
+class Gate:
+    """Holds every ``store.append`` until :meth:`open`; counts the appends that reached it."""
+
+    def __init__(self, srv: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached = threading.Event()
+        self._open = threading.Event()
+        real = srv.app.store.append
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            self.reached.set()
+            while not self._open.is_set():
+                await asyncio.sleep(0.01)
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(srv.app.store, "append", gated)
+
+    def open(self) -> None:
+        self._open.set()
+
+
+def connect(srv: RunningServer) -> tuple[socket.socket, Any]:
+    """A connection past HELO (one reply line, so the file buffers nothing beyond it)."""
+    sock = socket.create_connection((srv.host, srv.ports["smtp"]), timeout=10)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220")
+    sock.sendall(b"HELO c\r\n")
+    assert f.readline().startswith(b"250")
+    return sock, f
+
+
+def start_delivery(srv: RunningServer, monkeypatch: pytest.MonkeyPatch) -> tuple[Gate, socket.socket, Any]:
+    """A connection whose first message ("one") is held at the store's gate."""
+    gate = Gate(srv, monkeypatch)
+    sock, f = connect(srv)
+    sock.sendall(TRANSACTION % (ALICE.encode(), b"one"))
+    assert gate.reached.wait(10)
+    return gate, sock, f
+
+
+def codes(f: Any, n: int) -> list[bytes]:
+    return [f.readline()[:3] for _ in range(n)]
+
+
+@pytest.fixture
+def srv(server_factory: Factory) -> RunningServer:
+    s = server_factory(services=["smtp"])
+    s.add_user(ALICE, ALICE_PW)
+    return s
+
+
+def test_input_during_a_delivery_is_answered_after_it_in_order(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, sock, _f = start_delivery(srv, monkeypatch)
+    sock.sendall(TRANSACTION % (ALICE.encode(), b"two") + b"QUIT\r\n")  # arrives while "one" is stored
+    received = b""
+    sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert b"250 2.0.0 OK" not in received  # nothing past the pending message before it is durable
+    sock.settimeout(10)
+    gate.open()
+    while chunk := sock.recv(4096):
+        received += chunk
+    lines = received.splitlines()
+    assert [line[:3] for line in lines] == [b"250", b"250", b"354", b"250"] * 2 + [b"221"]
+    assert lines[3].startswith(b"250 2.0.0 OK id=") and lines[7].startswith(b"250 2.0.0 OK id=")
+    sock.close()
+    subjects = [m.split(b"Subject: ")[1].split(b"\r\n")[0] for m in srv.inbox(ALICE)]
+    assert subjects == [b"one", b"two"]
+
+
+def test_a_flood_during_a_delivery_pauses_reading_and_loses_nothing(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapter, "HOLD_LIMIT", 4096)
+    paused: list[int] = []
+    real_pause = adapter.SmtpSession.pause_reading
+
+    def pause(self: adapter.SmtpSession) -> None:
+        paused.append(self._held_size)
+        real_pause(self)
+
+    monkeypatch.setattr(adapter.SmtpSession, "pause_reading", pause)
+    gate, sock, f = start_delivery(srv, monkeypatch)
+    noops = 2000
+    sock.sendall(b"NOOP\r\n" * noops + b"QUIT\r\n")  # 12 KB, three times the hold limit
+    deadline = 100
+    while not paused and deadline:
+        threading.Event().wait(0.05)
+        deadline -= 1
+    assert paused and paused[0] > 4096
+    gate.open()
+    assert codes(f, 3) == [b"250", b"250", b"354"]
+    assert f.readline().startswith(b"250 2.0.0 OK id=")
+    assert codes(f, noops) == [b"250"] * noops
+    assert f.readline().startswith(b"221")
+    sock.close()
+
+
+def test_shutdown_during_a_delivery_finishes_it_then_says_421(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, sock, f = start_delivery(srv, monkeypatch)
+    stopped = asyncio.run_coroutine_threadsafe(shutdown(srv.listeners, grace=10.0), srv.loop)
+    threading.Event().wait(0.8)  # past one SHUTDOWN_POLL: the busy session must not be interrupted
+    gate.open()
+    assert codes(f, 3) == [b"250", b"250", b"354"]
+    assert f.readline().startswith(b"250 2.0.0 OK id=")
+    assert f.readline().startswith(b"421 4.3.2")
+    assert f.readline() == b""
+    assert stopped.result(10) == 0  # the session left by itself
+    sock.close()
+    assert len(srv.inbox(ALICE)) == 1
+
+
+def test_a_client_that_does_not_read_its_replies_stops_being_read(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapter.SmtpSession, "HIGH_WATER", 8192)
+    paused: list[bool] = []
+    real_pause = adapter.SmtpSession.pause_writing
+
+    def pause_writing(self: adapter.SmtpSession) -> None:
+        paused.append(True)
+        real_pause(self)
+
+    real_start = adapter.SmtpSession.session_started
+
+    def small_send_buffer(self: adapter.SmtpSession) -> None:
+        assert self.transport is not None
+        self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        real_start(self)
+
+    monkeypatch.setattr(adapter.SmtpSession, "pause_writing", pause_writing)
+    monkeypatch.setattr(adapter.SmtpSession, "session_started", small_send_buffer)
+    sock, f = connect(srv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    noops = 20_000  # 120 KB of commands, 340 KB of replies, none read until all are sent
+    sender = threading.Thread(target=sock.sendall, args=(b"NOOP\r\n" * noops + b"QUIT\r\n",))
+    sender.start()
+    deadline = 200
+    while not paused and deadline:
+        threading.Event().wait(0.05)
+        deadline -= 1
+    assert paused  # the replies backed up: the session stopped reading commands
+    assert codes(f, noops) == [b"250"] * noops
+    assert f.readline().startswith(b"221")
+    sender.join(10)
+    sock.close()
