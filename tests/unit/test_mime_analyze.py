@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 
 from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
 from postroom.mime.headers import (
+    _FOLD,
     _parse_addresses_general,
     _parse_date_general,
     decode_words,
     parse_addresses,
     parse_date,
+    unfold,
 )
 
 MULTI = (
@@ -211,3 +213,10 @@ MONTHS = ["Jan", "feb", "MAR", "Dec", "Foo", "Sep"]
 def test_date_fast_path_agrees_with_the_parser(value: str) -> None:
     """The fast path for RFC 5322 dates gives exactly what ``email.utils`` gives."""
     assert parse_date(value) == _parse_date_general(value)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="\r\n\t a:", max_size=40))
+def test_unfold_agrees_with_the_folding_regex(text: str) -> None:
+    """The ``str.replace`` unfolding removes exactly the line breaks the RFC 5322 regex removes."""
+    assert unfold(text) == _FOLD.sub("", text)

@@ -37,7 +37,15 @@ import binascii
 import re
 from typing import Any
 
-from postroom.mime.headers import decode_words, envelope, param, parse_date, parse_fields, parse_params
+from postroom.mime.headers import (
+    decode_words,
+    envelope,
+    first_values,
+    param,
+    parse_date,
+    parse_fields,
+    parse_params,
+)
 
 STRUCTURE_VERSION = 4
 
@@ -117,18 +125,15 @@ class _Analyzer:
             self.text_len += len(text)
 
     def node(
-        self, start: int, end: int, default_type: str, depth: int, fields: list[tuple[str, str]] | None = None
+        self, start: int, end: int, default_type: str, depth: int, first: dict[str, str] | None = None
     ) -> dict[str, Any]:
-        """Analyse the entity in ``raw[start:end]`` (MIME header + body). ``fields``: its header fields when
-        the caller parsed them already (the top level)."""
+        """Analyse the entity in ``raw[start:end]`` (MIME header + body). ``first``: its header fields'
+        first values (``first_values``) when the caller parsed them already (the top level)."""
         raw = self.raw
         self.parts += 1
         body_start = _header_end(raw, start, end)
-        if fields is None:
-            fields = parse_fields(raw[start:body_start])
-        first: dict[str, str] = {}
-        for name, value in fields:
-            first.setdefault(name, value)
+        if first is None:
+            first = first_values(parse_fields(raw[start:body_start]))
         ctype, params = parse_params(first.get("content-type", ""))
         if "/" in ctype:
             t, _, s = ctype.partition("/")
@@ -208,8 +213,8 @@ def analyze(raw: bytes) -> dict[str, Any]:
     """The stored structure of ``raw`` (see the module docstring for the keys)."""
     header_end = _header_end(raw, 0, len(raw))
     fields = parse_fields(raw[:header_end])
-    body = _Analyzer(raw).node(0, len(raw), "text/plain", 0, fields)
-    first_date = next((v for n, v in fields if n == "date"), None)
+    first = first_values(fields)
+    body = _Analyzer(raw).node(0, len(raw), "text/plain", 0, first)
     if "l" in body and len(raw) > header_end:  # the body's lines are counted: add the header's newlines
         lines = raw.count(b"\n", 0, header_end) + body["l"]
     else:
@@ -219,8 +224,8 @@ def analyze(raw: bytes) -> dict[str, Any]:
         "header_size": header_end,
         "header": raw[:header_end].decode("latin-1"),
         "lines": lines,
-        "env": envelope(fields),
-        "date": parse_date(first_date),
+        "env": envelope(fields, first),
+        "date": parse_date(first.get("date")),
         "fields": [[name, decode_words(value)] for name, value in fields],
         "body": body,
     }
@@ -236,5 +241,5 @@ def searchable_text(raw: bytes) -> tuple[str, str]:
     an.add_text("\n".join(decode_words(value) for _, value in fields))
     headers = "".join(an.texts)
     an.texts = []
-    an.node(0, len(raw), "text/plain", 0, fields)
+    an.node(0, len(raw), "text/plain", 0, first_values(fields))
     return headers, "".join(an.texts)

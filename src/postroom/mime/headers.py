@@ -13,6 +13,7 @@ import base64
 import binascii
 import calendar
 import re
+from datetime import UTC, datetime
 from email.utils import mktime_tz, parsedate_tz
 from typing import Any
 
@@ -41,8 +42,7 @@ _MONTHS = {
 def parse_fields(block: bytes) -> list[tuple[str, str]]:
     """``(lower-cased name, unfolded raw value)`` per header field, in order. Lines without a colon
     are skipped (they are not fields)."""
-    text = block.decode("utf-8", "replace")
-    text = _FOLD.sub("", text)
+    text = unfold(block.decode("utf-8", "replace"))
     fields: list[tuple[str, str]] = []
     for line in text.split("\n"):
         colon = line.find(":")
@@ -55,8 +55,20 @@ def parse_fields(block: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+def unfold(text: str) -> str:
+    """Remove the line break of every folded line (RFC 5322 §2.2.3): each ``\n`` followed by a space or tab,
+    with the ``\r`` just before it. ``str.replace`` does that 3-4 times faster than ``_FOLD.sub``; it agrees
+    with the regex everywhere except where a ``\n`` directly precedes a folded ``\r\n`` (removing the
+    ``\r\n`` would leave a new ``\n`` + blank for the next replace): such text takes the regex."""
+    if "\n\r\n\t" in text or "\n\r\n " in text:
+        return _FOLD.sub("", text)
+    return text.replace("\r\n\t", "\t").replace("\r\n ", " ").replace("\n\t", "\t").replace("\n ", " ")
+
+
 def _split_params(value: str) -> list[str]:
     """Split on ``;`` outside double quotes."""
+    if '"' not in value:
+        return value.split(";")
     out: list[str] = []
     cur: list[str] = []
     quoted = False
@@ -143,8 +155,11 @@ def parse_date(value: str | None) -> float | None:
     if m is not None and m.group(2).lower() in _MONTHS:  # "Thu, 26 Nov 2026 12:00:00 +0000" (RFC 5322 §3.3)
         day, mon, year, hh, mm, ss, sign, oh, om = m.groups()
         offset = (int(oh) * 3600 + int(om) * 60) * (-1 if sign == "-" else 1)
-        stamp = (int(year), _MONTHS[mon.lower()], int(day), int(hh), int(mm), int(ss or 0), 0, 1, -1)
-        return float(calendar.timegm(stamp) - offset)
+        stamp = (int(year), _MONTHS[mon.lower()], int(day), int(hh), int(mm), int(ss or 0))
+        try:
+            return datetime(*stamp, tzinfo=UTC).timestamp() - offset
+        except ValueError:  # out of range (e.g. second 60, 31 February): timegm's arithmetic, like email.utils
+            return float(calendar.timegm((*stamp, 0, 1, -1)) - offset)
     return _parse_date_general(value)
 
 
@@ -271,11 +286,19 @@ def _parse_addresses_general(value: str) -> list[Address] | None:
     return out or None
 
 
-def envelope(fields: list[tuple[str, str]]) -> list[Any]:
-    """RFC 3501 §7.4.2 ENVELOPE fields as a JSON-able list (strings raw, addresses parsed)."""
+def first_values(fields: list[tuple[str, str]]) -> dict[str, str]:
+    """Field name → the value of its first occurrence (what ENVELOPE and the MIME headers use)."""
     first: dict[str, str] = {}
-    for name, value in fields:
-        first.setdefault(name, value)
+    for name, value in reversed(fields):
+        first[name] = value
+    return first
+
+
+def envelope(fields: list[tuple[str, str]], first: dict[str, str] | None = None) -> list[Any]:
+    """RFC 3501 §7.4.2 ENVELOPE fields as a JSON-able list (strings raw, addresses parsed). ``first``:
+    :func:`first_values` of ``fields``, when the caller has it already."""
+    if first is None:
+        first = first_values(fields)
     frm = parse_addresses(first.get("from"))
     sender = parse_addresses(first.get("sender")) or frm  # RFC 3501: default to From
     reply_to = parse_addresses(first.get("reply-to")) or frm
