@@ -22,6 +22,15 @@ TRACE = 5  # below DEBUG: protocol transcripts (passwords and bodies elided by t
 logging.addLevelName(TRACE, "TRACE")
 
 _counter = itertools.count(1)
+_pid = os.getpid()  # one getpid() per process, not per connection
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def setup(level: str = "INFO") -> None:
@@ -40,7 +49,7 @@ def setup(level: str = "INFO") -> None:
 
 def new_connection_id() -> str:
     """A short id unique within this server run: ``<pid hex>.<counter>``."""
-    return f"{os.getpid():x}.{next(_counter)}"
+    return f"{_pid:x}.{next(_counter)}"
 
 
 class ConnectionLogger(logging.LoggerAdapter[logging.Logger]):

@@ -159,19 +159,27 @@ class SmtpSession(ServedProtocol):
 
     # -- the connection ---------------------------------------------------------------------------------
     def session_started(self) -> None:
+        self.core = SmtpServer(self._settings())
+        self._sessions.add(self)
+        self._pump()
+
+    def _settings(self) -> Settings:
+        """The core's settings: immutable, so one object per kind of session serves them all."""
         app = self.app
-        self.core = SmtpServer(
-            Settings(
+        plaintext = app.config.auth.allow_plaintext_on_loopback and self.is_loopback
+        key = (self.spec.service, self.is_tls, plaintext)
+        cache: dict[tuple[str, bool, bool], Settings] = app.extras.setdefault("smtp.settings", {})
+        settings = cache.get(key)
+        if settings is None or settings.hostname != app.hostname or settings.limits is not self.limits:
+            settings = cache[key] = Settings(
                 hostname=app.hostname,
                 limits=self.limits,
                 submission=self.submission,
                 tls=self.is_tls,
                 starttls=not self.is_tls,
-                plaintext_auth=app.config.auth.allow_plaintext_on_loopback and self.is_loopback,
+                plaintext_auth=plaintext,
             )
-        )
-        self._sessions.add(self)
-        self._pump()
+        return settings
 
     def data_received(self, data: bytes) -> None:
         if self._step is not None:

@@ -141,7 +141,7 @@ class SmtpServer:
         self._waiting: Event | None = None  # an event handed out and not yet answered
         self._ready: list[Event] = []
         if greet:
-            self._reply(Reply.of(220, "", f"{settings.hostname} ESMTP Postroom"))
+            self._out.append(_greeting(settings.hostname))
 
     # -- the adapter's API ------------------------------------------------------------------------
     def data_to_send(self) -> bytes:
@@ -392,6 +392,11 @@ class SmtpServer:
             self._reply(Reply.of(501, "5.5.2", "Authentication response too long"))
             return
         _sasl_step(self, lambda sasl: sasl.respond(line))
+
+
+@functools.lru_cache(maxsize=16)
+def _greeting(hostname: str) -> bytes:
+    return Reply.of(220, "", f"{hostname} ESMTP Postroom").encode()
 
 
 @functools.lru_cache(maxsize=64)
