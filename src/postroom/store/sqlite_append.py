@@ -129,9 +129,18 @@ class AppendMixin:
 
     def _append_many(self, c: sqlite3.Connection, jobs: list[_Append], t: db.Touched) -> list[Any]:
         """The writer's bulk job: store ``jobs`` in order; per job, its ``(mailbox id, uid)`` list."""
-        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name='blobs'").fetchone()
-        next_blob = (row[0] if row is not None else 0) + 1
         counters: dict[int, list[int]] = {}  # mailbox id -> [uidnext, highestmodseq]
+        # Each statement hands the GIL to the event loop and takes it back, so the last blob id and the
+        # first target mailbox's counters come in one statement.
+        first = next((t.mailbox_id for job in jobs for t in job.targets), 0)
+        row = c.execute(
+            "SELECT (SELECT seq FROM sqlite_sequence WHERE name='blobs'), uidnext, highestmodseq"
+            " FROM (SELECT 1) LEFT JOIN mailboxes ON id=?",
+            (first,),
+        ).fetchone()
+        next_blob = (row[0] or 0) + 1
+        if row[1] is not None:
+            counters[first] = [row[1], row[2]]
         blob_rows: list[tuple[Any, ...]] = []
         message_rows: list[tuple[Any, ...]] = []
         queued: list[tuple[int, OutboundEnvelope]] = []
@@ -166,10 +175,8 @@ class AppendMixin:
             results.append(placed)
         _insert_rows(c, "INSERT INTO blobs(id, size, data, path, structure, refs) VALUES", blob_rows)
         _insert_rows(c, "INSERT INTO messages VALUES", message_rows)
-        c.executemany(
-            "UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?",
-            [(uidnext, modseq, mailbox_id) for mailbox_id, (uidnext, modseq) in counters.items()],
-        )
+        for mailbox_id, (uidnext, modseq) in counters.items():
+            c.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, mailbox_id))
         t.mailboxes.update(counters)
         for blob_id, env in queued:
             self._enqueue_tx(c, blob_id, env, now)
