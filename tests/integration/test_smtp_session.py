@@ -177,3 +177,29 @@ def test_a_client_that_does_not_read_its_replies_stops_being_read(
     assert f.readline().startswith(b"221")
     sender.join(10)
     sock.close()
+
+
+def test_a_client_that_half_closes_after_quit_still_gets_every_reply(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, sock, f = start_delivery(srv, monkeypatch)
+    sock.sendall(b"NOOP\r\nQUIT\r\n")
+    sock.shutdown(socket.SHUT_WR)  # the client is done sending; the delivery of "one" is still pending
+    threading.Event().wait(0.2)
+    gate.open()
+    assert codes(f, 3) == [b"250", b"250", b"354"]
+    assert f.readline().startswith(b"250 2.0.0 OK id=")
+    assert codes(f, 1) == [b"250"]
+    assert f.readline().startswith(b"221")
+    assert f.readline() == b""
+    sock.close()
+    assert len(srv.inbox(ALICE)) == 1
+
+
+def test_a_client_that_half_closes_mid_session_is_answered_then_closed(srv: RunningServer) -> None:
+    sock, f = connect(srv)
+    sock.sendall(b"NOOP\r\nNOOP\r\n")
+    sock.shutdown(socket.SHUT_WR)  # no QUIT: the server answers what it got, then closes
+    assert codes(f, 2) == [b"250", b"250"]
+    assert f.readline() == b""
+    sock.close()

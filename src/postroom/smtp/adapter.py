@@ -25,6 +25,7 @@ Invariants:
   ``data_deadline``. Then 421 and close. No deadline runs while a step (our own work) runs.
 - Graceful shutdown (``net.server.shutdown_event``): a session waiting for a command answers ``421 4.3.2``
   and closes; one receiving or storing a message finishes it (250 or 4xx) and then says 421.
+- A client that half-closes (plain TCP) gets the replies to everything it sent, then the connection closes.
 - CancelledError is never swallowed; an unexpected exception while delivering becomes 451 4.3.0 and is
   logged with its traceback; one anywhere else is logged and the connection aborted.
 """
@@ -151,6 +152,7 @@ class SmtpSession(ServedProtocol):
         self._held: list[bytes] = []  # received while a step runs
         self._held_size = 0
         self._closing = False  # the core said Close: the last reply is written, the transport closing
+        self._eof = False  # the client half-closed: answer what it sent, then close
         self._seen_commands = -1
         self._command_deadline = 0.0
         self._data_deadline: float | None = None
@@ -198,6 +200,17 @@ class SmtpSession(ServedProtocol):
             self._log(logging.ERROR, "session failed", exc_info=True)
             self.abort()
 
+    def eof_received(self) -> bool:
+        """The client half-closed. Over TCP the replies to everything it sent still go out (a client may
+        shut down its side after QUIT and then read), and the connection closes once the core has nothing
+        left to answer. A TLS transport closes at EOF whatever we return, so there we let it."""
+        if self.is_tls or self.core is None:
+            return False
+        self._eof = True
+        if self._step is None and not self._closing:
+            self._pump()
+        return True
+
     def session_ended(self) -> None:
         self._stop()
 
@@ -226,7 +239,9 @@ class SmtpSession(ServedProtocol):
             event = core.next_event()
             if event is NEED_DATA:
                 self._flush()
-                if not self._closing:
+                if self._eof:
+                    self._on_close(event)  # no more input will come: everything sent is answered
+                elif not self._closing:
                     self._await_input(core)
                 return
             react = REACTIONS[type(event)]
