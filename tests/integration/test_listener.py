@@ -19,6 +19,7 @@ from postroom.config import Config
 from postroom.net import tls
 from postroom.net.connection import Connection
 from postroom.net.limits import NetConfig
+from postroom.net.served import ServedProtocol
 from postroom.net.server import Listener, ListenError, shutdown, shutdown_event
 from postroom.store.api import Store
 
@@ -230,3 +231,51 @@ async def test_closing_one_listener_leaves_the_others(
     reader, writer = await connect(again.port)
     assert await first_line(reader) == b"hello\r\n"
     writer.close()
+
+
+class Served(ServedProtocol):
+    """A callback-driven session: hello, then "ok <line>" per line; counts what the listener let through."""
+
+    started_ids: list[str] = []
+    cancelled = 0
+
+    def session_started(self) -> None:
+        Served.started_ids.append(self.conn_id)
+        self.write(b"hello\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.write(b"ok " + data)
+
+    def session_cancelled(self) -> None:
+        Served.cancelled += 1
+        super().session_cancelled()
+
+
+async def test_served_sessions_obey_the_limits_and_the_shutdown(
+    tmp_path: Path, started: Callable[..., asyncio.Future[Listener]]
+) -> None:
+    """A ServedProtocol class as the handler: admitted by the same limits (a refused connection never reaches
+    ``session_started``), tracked by its ``done`` future, and aborted when shutdown gives up on it."""
+    Served.started_ids, Served.cancelled = [], 0
+    app = make_app(tmp_path, max_connections_per_ip=2)
+    listener = await started(app, "smtp", Served)
+    held = [await connect(listener.port) for _ in range(2)]
+    for reader, _ in held:
+        assert await first_line(reader) == b"hello\r\n"
+    reader, writer = await connect(listener.port)
+    assert (await first_line(reader)).startswith(b"421 4.7.0 mx.example.test Too many connections")
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""
+    writer.close()
+    assert listener.refused == 1 and len(Served.started_ids) == 2 and len(set(Served.started_ids)) == 2
+    held[0][1].close()  # one leaves: its slot is free again
+    await until(lambda: len(listener.sessions) == 1)
+    reader, writer = await connect(listener.port)
+    assert await first_line(reader) == b"hello\r\n"
+    writer.write(b"ping\r\n")
+    assert await first_line(reader) == b"ok ping\r\n"
+    # These sessions never end by themselves: shutdown cancels them after the grace period, which aborts.
+    assert await asyncio.wait_for(shutdown([listener], grace=0.2), WAIT) == 2
+    assert await asyncio.wait_for(reader.read(), WAIT) == b""
+    assert Served.cancelled == 2 and not listener.sessions
+    writer.close()
+    held[1][1].close()
