@@ -17,9 +17,9 @@ Invariants:
   batch take one multi-row ``INSERT`` per table. Their blob ids are taken from ``sqlite_sequence`` inside the
   write transaction, which ``BEGIN IMMEDIATE`` makes the only writer, so ids still only grow and are never
   reused (what AUTOINCREMENT promises, and the full-text indexer relies on).
-- Each target mailbox's ``uidnext``/``highestmodseq`` is read once per bulk call and written once at its
-  end; every message still gets its own UID and MODSEQ, in order: the same rows as appending one by one
-  (which is how a job runs alone, on the writer's savepoint path).
+- Each target mailbox's ``uidnext``/``highestmodseq`` is advanced once per bulk call, by one ``UPDATE …
+  RETURNING`` at its start; every message still gets its own UID and MODSEQ, in order: the same rows as
+  appending one by one (which is how a job runs alone, on the writer's savepoint path).
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class _Append:
 
 
 LOOP_ANALYZE_MAX = 64 * 1024  # octets of a message analysed on the event loop; larger: on the writer thread
+#: The counters' values before the update: the first UID and the MODSEQ to count up from.
+_RESERVE = (
+    "UPDATE mailboxes SET uidnext = uidnext + ?, highestmodseq = highestmodseq + ? WHERE id = ?"
+    " RETURNING uidnext - ?, highestmodseq - ?, (SELECT seq FROM sqlite_sequence WHERE name = 'blobs')"
+)
 ROWS_PER_INSERT = 64  # rows per multi-row INSERT: 64 * 7 host parameters, far below SQLite's 32,766
 
 
@@ -129,18 +134,8 @@ class AppendMixin:
 
     def _append_many(self, c: sqlite3.Connection, jobs: list[_Append], t: db.Touched) -> list[Any]:
         """The writer's bulk job: store ``jobs`` in order; per job, its ``(mailbox id, uid)`` list."""
-        counters: dict[int, list[int]] = {}  # mailbox id -> [uidnext, highestmodseq]
-        # Each statement hands the GIL to the event loop and takes it back, so the last blob id and the
-        # first target mailbox's counters come in one statement.
-        first = next((t.mailbox_id for job in jobs for t in job.targets), 0)
-        row = c.execute(
-            "SELECT (SELECT seq FROM sqlite_sequence WHERE name='blobs'), uidnext, highestmodseq"
-            " FROM (SELECT 1) LEFT JOIN mailboxes ON id=?",
-            (first,),
-        ).fetchone()
-        next_blob = (row[0] or 0) + 1
-        if row[1] is not None:
-            counters[first] = [row[1], row[2]]
+        counters, last_blob = self._reserve_uids(c, jobs)  # mailbox id -> [next uid, highest modseq so far]
+        next_blob = last_blob + 1
         blob_rows: list[tuple[Any, ...]] = []
         message_rows: list[tuple[Any, ...]] = []
         queued: list[tuple[int, OutboundEnvelope]] = []
@@ -157,12 +152,7 @@ class AppendMixin:
             placed: list[tuple[int, int]] = []
             for target in job.targets:
                 mailbox_id = target.mailbox_id
-                counter = counters.get(mailbox_id)
-                if counter is None:
-                    mb = c.execute("SELECT uidnext, highestmodseq FROM mailboxes WHERE id=?", (mailbox_id,)).fetchone()
-                    if mb is None:
-                        raise NotFoundError(f"no mailbox {mailbox_id}")
-                    counter = counters[mailbox_id] = [mb[0], mb[1]]
+                counter = counters[mailbox_id]
                 uid = counter[0]
                 counter[0] = uid + 1
                 counter[1] += 1
@@ -175,14 +165,37 @@ class AppendMixin:
             results.append(placed)
         _insert_rows(c, "INSERT INTO blobs(id, size, data, path, structure, refs) VALUES", blob_rows)
         _insert_rows(c, "INSERT INTO messages VALUES", message_rows)
-        for mailbox_id, (uidnext, modseq) in counters.items():
-            c.execute("UPDATE mailboxes SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, mailbox_id))
         t.mailboxes.update(counters)
         for blob_id, env in queued:
             self._enqueue_tx(c, blob_id, env, now)
         if queued:
             t.mailboxes.add(0)
         return results
+
+    @staticmethod
+    def _reserve_uids(c: sqlite3.Connection, jobs: list[_Append]) -> tuple[dict[int, list[int]], int]:
+        """Advance each target mailbox's UIDNEXT and HIGHESTMODSEQ by its number of new messages, in one
+        ``UPDATE … RETURNING`` per mailbox that also gives the values before (so the bulk job costs no
+        separate read and write of the counters: every statement hands the GIL to the event loop and
+        back). Also the last blob id, which the first of them reads too."""
+        counts: dict[int, int] = {}
+        for job in jobs:
+            for target in job.targets:
+                counts[target.mailbox_id] = counts.get(target.mailbox_id, 0) + 1
+        counters: dict[int, list[int]] = {}
+        seq: int | None = None
+        for mailbox_id, n in counts.items():
+            rows = c.execute(_RESERVE, (n, n, mailbox_id, n, n)).fetchall()
+            if not rows:
+                raise NotFoundError(f"no mailbox {mailbox_id}")
+            uidnext, modseq, last_blob = rows[0]
+            counters[mailbox_id] = [uidnext, modseq]
+            if seq is None:
+                seq = last_blob or 0
+        if seq is None:  # only queued copies: no mailbox statement to ride on
+            row = c.execute("SELECT seq FROM sqlite_sequence WHERE name='blobs'").fetchone()
+            seq = row[0] if row is not None else 0
+        return counters, seq
 
     def _write_blob_file(self, raw: bytes) -> str:
         name = os.urandom(12).hex()

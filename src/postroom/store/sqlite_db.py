@@ -434,7 +434,7 @@ class GroupCommitWriter:
                     conn.execute("ROLLBACK")
                 return False
             touched_by.append(touched)
-        conn.execute("COMMIT")
+        conn.commit()  # prepare, step and finalize under one GIL release; execute("COMMIT") takes two
         for job, res in zip(live, results, strict=True):
             job.outcome = (True, res)
         return True
