@@ -8,6 +8,7 @@ client sends meanwhile must be held and answered afterwards in order, a flood of
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pytest
 from conftest import RunningServer
 from postroom.net.server import shutdown
 from postroom.smtp import adapter
+from postroom.smtp.server import SmtpServer
 
 ALICE, ALICE_PW = "alice@example.test", "alice-pass-1"
 Factory = Callable[..., RunningServer]
@@ -203,3 +205,35 @@ def test_a_client_that_half_closes_mid_session_is_answered_then_closed(srv: Runn
     assert codes(f, 2) == [b"250", b"250"]
     assert f.readline() == b""
     sock.close()
+
+
+def test_a_bug_after_a_delivery_aborts_the_connection_and_is_logged(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception in the session's own code when a step has ended (here: the core, asked for its next
+    event after the message's 250) must not vanish into a failed task and leave the client waiting: it is
+    logged with its traceback and the connection is aborted."""
+    real_answer, real_next = SmtpServer.answer, SmtpServer.next_event
+    delivered: list[bool] = []
+
+    def answer(core: SmtpServer, reply: Any, token: Any = None) -> None:
+        real_answer(core, reply, token)
+        if reply.code == 250 and reply.enhanced == "2.0.0":  # the answer to the message
+            delivered.append(True)
+
+    def next_event(core: SmtpServer) -> Any:
+        if delivered:
+            raise RuntimeError("planted bug")
+        return real_next(core)
+
+    monkeypatch.setattr(SmtpServer, "answer", answer)
+    monkeypatch.setattr(SmtpServer, "next_event", next_event)
+    sock, f = connect(srv)
+    with caplog.at_level(logging.ERROR, logger="postroom.smtp.adapter"):
+        sock.sendall(TRANSACTION % (ALICE.encode(), b"one"))
+        rest = f.read()  # returns at EOF: aborted, not left hanging (the socket timeout is 10 s)
+    assert b"250 2.0.0 OK" not in rest
+    sock.close()
+    assert any(
+        r.name == "postroom.smtp.adapter" and "planted bug" in r.getMessage() + str(r.exc_info) for r in caplog.records
+    )

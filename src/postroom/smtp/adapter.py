@@ -163,7 +163,7 @@ class SmtpSession(ServedProtocol):
     def session_started(self) -> None:
         self.core = SmtpServer(self._settings())
         self._sessions.add(self)
-        self._pump()
+        self._guarded(self._pump)
 
     def _settings(self) -> Settings:
         """The core's settings: immutable, so one object per kind of session serves them all."""
@@ -193,12 +193,11 @@ class SmtpSession(ServedProtocol):
         core = self.core
         if core is None:
             return  # refused by the listener
-        try:
+        try:  # _guarded, inlined: this runs for every read
             core.receive_data(data)
             self._pump()
         except Exception:
-            self._log(logging.ERROR, "session failed", exc_info=True)
-            self.abort()
+            self._failed()
 
     def eof_received(self) -> bool:
         """The client half-closed. Over TCP the replies to everything it sent still go out (a client may
@@ -208,7 +207,7 @@ class SmtpSession(ServedProtocol):
             return False
         self._eof = True
         if self._step is None and not self._closing:
-            self._pump()
+            self._guarded(self._pump)
         return True
 
     def session_ended(self) -> None:
@@ -226,6 +225,18 @@ class SmtpSession(ServedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        """Run ``action`` from a callback (a read, a timer, the end of a step): a bug in one session is logged
+        and aborts its connection, instead of escaping into the event loop and leaving the client waiting."""
+        try:
+            action()
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        self._log(logging.ERROR, "session failed", exc_info=True)
+        self.abort()
 
     def _log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
         log.log(level, "[%s %s] " + msg, self.conn_id, self.peer[0], *args, exc_info=exc_info)
@@ -262,13 +273,15 @@ class SmtpSession(ServedProtocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            self._log(logging.ERROR, "session failed", exc_info=True)
-            self.abort()
+            self._failed()
             return
         finally:
             self._step = None
-        if self.lost:
-            return
+        if not self.lost:
+            self._guarded(self._resume)
+
+    def _resume(self) -> None:
+        """After a step: feed what arrived meanwhile, in order, and carry on."""
         held, self._held = self._held, []
         if self._held_size > HOLD_LIMIT:
             self.resume_reading()
@@ -315,8 +328,9 @@ class SmtpSession(ServedProtocol):
         if self._loop.time() < self._when:
             self._timer = self._loop.call_at(self._when, self._check_deadline)
             return
-        assert self.core is not None
-        self._time_out(self.core)
+        core = self.core
+        assert core is not None
+        self._guarded(lambda: self._time_out(core))
 
     def _time_out(self, core: SmtpServer) -> None:
         self._when = math.inf
@@ -330,7 +344,7 @@ class SmtpSession(ServedProtocol):
         if core is None or self._step is not None or self.lost or self._closing or core.in_data:
             return
         core.shutting_down()
-        self._pump()
+        self._guarded(self._pump)
 
     def _on_close(self, event: Event) -> None:
         self._closing = True
