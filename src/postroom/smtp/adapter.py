@@ -82,13 +82,19 @@ def _rcpt_cache(app: App) -> dict[str, tuple[float, int]]:
     return cache
 
 
+def _cached_inbox(app: App, key: str) -> int | None:
+    """The INBOX of ``key`` if a lookup found it within the last :data:`RCPT_CACHE_TTL` seconds."""
+    hit = _rcpt_cache(app).get(key)
+    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+
 async def _inbox_for(app: App, key: str) -> int | None:
     """The INBOX mailbox id mail to ``key`` lands in (alias-resolved), cached briefly per process."""
+    cached = _cached_inbox(app, key)
+    if cached is not None:
+        return cached
     cache = _rcpt_cache(app)
     now = time.monotonic()
-    hit = cache.get(key)
-    if hit is not None and hit[0] > now:
-        return hit[1]
     account = await app.store.resolve(key)
     mailbox_id: int | None = None
     if account is not None:
@@ -251,7 +257,7 @@ class SmtpSession(ServedProtocol):
             if event is NEED_DATA:
                 self._flush()
                 if self._eof:
-                    self._on_close(event)  # no more input will come: everything sent is answered
+                    self._finish()  # no more input will come: everything sent is answered
                 elif not self._closing:
                     self._await_input(core)
                 return
@@ -347,6 +353,10 @@ class SmtpSession(ServedProtocol):
         self._guarded(self._pump)
 
     def _on_close(self, event: Event) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        """Write what the core queued and close (after the transport has sent it)."""
         self._closing = True
         self._stop()
         self._flush()
@@ -378,9 +388,9 @@ class SmtpSession(ServedProtocol):
         if key is None:
             self._answer(replies.UNKNOWN_USER)
             return None
-        hit = _rcpt_cache(self.app).get(key)
-        if hit is not None and hit[0] > time.monotonic():
-            self._answer(replies.RECIPIENT_OK, _Local(hit[1]))
+        mailbox_id = _cached_inbox(self.app, key)
+        if mailbox_id is not None:
+            self._answer(replies.RECIPIENT_OK, _Local(mailbox_id))
             return None
         return self._rcpt_step(key)
 
@@ -451,8 +461,7 @@ class SmtpSession(ServedProtocol):
 
     # -- decisions -------------------------------------------------------------------------------
     async def _mail(self, event: MailFrom) -> Reply:
-        if not self.submission:
-            return replies.SENDER_OK
+        """Submission only (MX senders are answered in ``_on_mail``): the sender must be the account's."""
         account = self.account
         sender = event.sender
         if account is None or sender is None:

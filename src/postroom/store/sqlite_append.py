@@ -48,17 +48,10 @@ def flag_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(set(flags)))
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(slots=True)
 class _Append:
-    """One append as the writer sees it: ``structure`` is filled in by ``prepare`` on the writer thread."""
+    """One append as the writer sees it: ``structure`` is filled in by ``prepare`` (on the event loop for
+    messages up to ``LOOP_ANALYZE_MAX``, else on the writer thread)."""
 
     raw: bytes
     path: str | None  # the message's file under blobs/, or None: the bytes go in the row
@@ -73,8 +66,8 @@ class _Append:
 LOOP_ANALYZE_MAX = 64 * 1024  # octets of a message analysed on the event loop; larger: on the writer thread
 #: The counters' values before the update: the first UID and the MODSEQ to count up from.
 _RESERVE = (
-    "UPDATE mailboxes SET uidnext = uidnext + ?, highestmodseq = highestmodseq + ? WHERE id = ?"
-    " RETURNING uidnext - ?, highestmodseq - ?, (SELECT seq FROM sqlite_sequence WHERE name = 'blobs')"
+    "UPDATE mailboxes SET uidnext = uidnext + :n, highestmodseq = highestmodseq + :n WHERE id = :id"
+    " RETURNING uidnext - :n, highestmodseq - :n, (SELECT seq FROM sqlite_sequence WHERE name = 'blobs')"
 )
 ROWS_PER_INSERT = 64  # rows per multi-row INSERT: 64 * 7 host parameters, far below SQLite's 32,766
 
@@ -185,7 +178,7 @@ class AppendMixin:
         counters: dict[int, list[int]] = {}
         seq: int | None = None
         for mailbox_id, n in counts.items():
-            rows = c.execute(_RESERVE, (n, n, mailbox_id, n, n)).fetchall()
+            rows = c.execute(_RESERVE, {"n": n, "id": mailbox_id}).fetchall()
             if not rows:
                 raise NotFoundError(f"no mailbox {mailbox_id}")
             uidnext, modseq, last_blob = rows[0]
@@ -205,14 +198,14 @@ class AppendMixin:
             new_dir = not sub.exists()
             sub.mkdir(exist_ok=True)
             if new_dir:
-                fsync_dir(self.blob_dir)
+                db.fsync_dir(self.blob_dir)
             tmp = sub / (name + ".tmp")
             with open(tmp, "wb") as fh:
                 fh.write(raw)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, sub / name)
-            fsync_dir(sub)
+            db.fsync_dir(sub)
         except OSError as exc:
             if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                 raise StoreFullError(f"disk full: {exc.strerror}") from None

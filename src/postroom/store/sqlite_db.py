@@ -18,8 +18,8 @@ Invariants:
 - A job (:data:`WriteFn`) is a function of the database alone: it may run twice (see above), so it
   changes nothing outside the connection and the ``Touched`` it is given.
 - A job may also name a *bulk* function (:data:`ManyFn`) and its argument. On the fast path, consecutive
-  jobs of a batch naming the same bulk function run as one call with their arguments in order (one
-  ``executemany`` per table instead of a statement per job and table: appends from many sessions). The
+  jobs of a batch naming the same bulk function run as one call with their arguments in order (a few
+  multi-row statements instead of a statement per job and table: appends from many sessions). The
   bulk call must have exactly the effect of running each job's own ``fn`` in turn; ``fn`` is what the
   savepoint path runs when anything in the batch raised.
 - A job's future is resolved only after its batch's COMMIT returned and the WAL was fsynced.
@@ -214,6 +214,15 @@ class Touched:
     unlink: list[str] = field(default_factory=list)  # blob files to remove after COMMIT
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the directory entries in ``path`` durable (a new file, a rename)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 WriteFn = Callable[[sqlite3.Connection, Touched], Any]
 #: A bulk job: the arguments of consecutive jobs in order → their results in the same order.
 ManyFn = Callable[[sqlite3.Connection, list[Any], Touched], list[Any]]
@@ -368,11 +377,7 @@ class GroupCommitWriter:
         never syncs the directory entry of a WAL file SQLite just created."""
         if self._wal_fd < 0:
             self._wal_fd = os.open(str(self._path) + "-wal", os.O_RDONLY)
-            dir_fd = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self._path.parent)
         os.fdatasync(self._wal_fd)
 
     def _transaction(self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
