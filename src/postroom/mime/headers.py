@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import calendar
 import re
-from datetime import UTC, datetime
+from datetime import date
 from email.utils import mktime_tz, parsedate_tz
 from typing import Any
 
@@ -32,8 +31,9 @@ _SIMPLE_MAILBOX = re.compile(
 )
 _SIMPLE_DATE = re.compile(
     r"[ \t]*(?:[A-Za-z]{3},[ \t]*)?(\d{1,2})[ \t]+([A-Za-z]{3})[ \t]+(\d{4})[ \t]+(\d{2}):(\d{2})(?::(\d{2}))?"
-    r"[ \t]+([+-])(\d{2})(\d{2})[ \t]*"
+    r"[ \t]+([+-])(\d{2})(\d{2})(?:[ \t]+\([^()\\]*\))?[ \t]*"  # a trailing comment: "+0000 (UTC)"
 )
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 _MONTHS = {
     m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)
 }
@@ -154,12 +154,12 @@ def parse_date(value: str | None) -> float | None:
     m = _SIMPLE_DATE.fullmatch(value)
     if m is not None and m.group(2).lower() in _MONTHS:  # "Thu, 26 Nov 2026 12:00:00 +0000" (RFC 5322 §3.3)
         day, mon, year, hh, mm, ss, sign, oh, om = m.groups()
-        offset = (int(oh) * 3600 + int(om) * 60) * (-1 if sign == "-" else 1)
-        stamp = (int(year), _MONTHS[mon.lower()], int(day), int(hh), int(mm), int(ss or 0))
-        try:
-            return datetime(*stamp, tzinfo=UTC).timestamp() - offset
-        except ValueError:  # out of range (e.g. second 60, 31 February): timegm's arithmetic, like email.utils
-            return float(calendar.timegm((*stamp, 0, 1, -1)) - offset)
+        y = int(year)
+        if y >= 1000:  # email.utils reads years below 100 as 19xx/20xx: leave those to it
+            offset = (int(oh) * 3600 + int(om) * 60) * (-1 if sign == "-" else 1)
+            # calendar.timegm's arithmetic (what email.utils uses), also for out-of-range fields (31 Feb)
+            days = date(y, _MONTHS[mon.lower()], 1).toordinal() - _EPOCH_ORDINAL + int(day) - 1
+            return float(days * 86400 + int(hh) * 3600 + int(mm) * 60 + int(ss or 0) - offset)
     return _parse_date_general(value)
 
 
