@@ -412,6 +412,32 @@ async def test_sqlite_catch_up_skips_a_blob_deleted_meanwhile(store: Store) -> N
     assert await store.search_text(mb, ["gone"]) == set()
 
 
+async def test_sqlite_indexer_moves_past_a_message_whose_text_fails(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite only: when deriving one message's text raises (a planted parser bug), it is logged and
+    indexed as empty, and the messages after it are still found."""
+    from postroom.store import sqlite_search
+    from postroom.store.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    mb = await _inbox(store)
+    for i in range(3):
+        await store.append(b"Subject: s%d\r\n\r\nfindme %s\r\n" % (i, b"POISON" if i == 1 else b""), [AppendTarget(mb)])
+    real = sqlite_search.searchable_text  # type: ignore[attr-defined]
+
+    def planted(raw: bytes) -> tuple[str, str]:
+        if b"POISON" in raw:
+            raise ValueError("planted")
+        return real(raw)
+
+    monkeypatch.setattr(sqlite_search, "searchable_text", planted)
+    assert await store.search_text(mb, ["findme"]) == {1, 3}
+    assert "no searchable text derived" in caplog.text
+    await store.append(b"Subject: later\r\n\r\nfindme\r\n", [AppendTarget(mb)])
+    assert await store.search_text(mb, ["findme"]) == {1, 3, 4}
+
+
 async def test_rename_inbox_moves_messages_and_leaves_tombstones(store: Store) -> None:
     mb = await _inbox(store)
     acct = await store.get_account("alice@example.test")

@@ -202,7 +202,7 @@ class _Analyzer:
             pass
         try:
             text = data.decode(charset or "utf-8", "replace")
-        except LookupError:
+        except (LookupError, ValueError):  # an unknown charset, or a name no codec can be (a NUL in it)
             text = data.decode("utf-8", "replace")
         if subtype == "html":
             text = _TAGS.sub(" ", text)

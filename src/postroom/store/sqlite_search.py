@@ -18,12 +18,15 @@ Invariants:
   the transaction that deletes it (external content: the delete needs the old text, and must never be
   issued for a blob that is not in the index). A blob above the watermark has no index entry; it may have
   a ``blob_text`` row (text moved there by the schema-3 upgrade), which the indexer then uses as is.
+- A message whose text cannot be derived (a bug in ``mime``: logged) is indexed with empty text, so the
+  watermark moves past it and later messages stay searchable.
 - Terms shorter than three characters cannot use trigrams and are matched against ``blob_text`` directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from postroom.mime import searchable_text
 from postroom.store import sqlite_db as db
+
+log = logging.getLogger(__name__)
 
 INDEX_CHUNK = 500  # blobs read, analysed and indexed per catch-up step (bounds one write job)
 INDEX_CHUNK_OCTETS = 32 * 1024 * 1024  # … and at most about this many octets of messages in one step
@@ -81,7 +86,11 @@ class SearchMixin:
                     data = (self.blob_dir / path).read_bytes()
                 except FileNotFoundError:
                     continue
-            heads, body = searchable_text(data or b"")
+            try:
+                heads, body = searchable_text(data or b"")
+            except Exception:  # a parser bug must not stall the index on this message for ever
+                log.exception("blob %d: no searchable text derived, indexed as empty", blob_id)
+                heads, body = "", ""
             out.append((blob_id, heads, body))
         return out
 
