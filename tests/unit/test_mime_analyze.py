@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +18,8 @@ from postroom.mime.headers import (
     parse_date,
     unfold,
 )
+
+analyze_module = importlib.import_module("postroom.mime.analyze")  # the package exports the function, not it
 
 MULTI = (
     b'From: "Joe Q." <joe@example.com>\r\n'
@@ -260,3 +265,13 @@ def test_date_fast_path_agrees_with_the_parser(value: str) -> None:
 def test_unfold_agrees_with_the_folding_regex(text: str) -> None:
     """The ``str.replace`` unfolding removes exactly the line breaks the RFC 5322 regex removes."""
     assert unfold(text) == _FOLD.sub("", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 300), st.integers(0, 300), st.sampled_from([0, 16, 1024 * 1024]))
+def test_newlines_counts_like_bytes_count(raw: bytes, a: int, b: int, copy_max: int) -> None:
+    """Both ways of counting (on a copy, and ``bytes.count`` above ``COUNT_BY_COPY_MAX``) agree."""
+    start, end = min(a, b), max(a, b)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(analyze_module, "COUNT_BY_COPY_MAX", copy_max)
+        assert analyze_module._newlines(raw, start, end) == raw.count(b"\n", start, end)

@@ -72,10 +72,23 @@ def _header_end(raw: bytes, start: int, end: int) -> int:
     return lf + 2
 
 
+COUNT_BY_COPY_MAX = 1024 * 1024  # octets: up to this, newlines are counted on a copy (see _newlines)
+
+
+def _newlines(raw: bytes, start: int, end: int) -> int:
+    """The ``\n`` in ``raw[start:end]``. ``bytes.count`` of one byte walks a byte at a time; ``replace``
+    finds them with ``memchr``, so the length it removes is quicker to get (5 KB body, timeit: 1.3-1.6
+    against 2.0-2.9 µs), at the price of two copies: only for ranges up to ``COUNT_BY_COPY_MAX``."""
+    if end - start > COUNT_BY_COPY_MAX:
+        return raw.count(b"\n", start, end)
+    part = raw[start:end]
+    return len(part) - len(part.replace(b"\n", b""))
+
+
 def _count_lines(raw: bytes, start: int, end: int) -> int:
     if end <= start:
         return 0
-    n = raw.count(b"\n", start, end)
+    n = _newlines(raw, start, end)
     return n if raw[end - 1] == 0x0A else n + 1
 
 
@@ -216,7 +229,7 @@ def analyze(raw: bytes) -> dict[str, Any]:
     first = first_values(fields)
     body = _Analyzer(raw).node(0, len(raw), "text/plain", 0, first)
     if "l" in body and len(raw) > header_end:  # the body's lines are counted: add the header's newlines
-        lines = raw.count(b"\n", 0, header_end) + body["l"]
+        lines = _newlines(raw, 0, header_end) + body["l"]
     else:
         lines = _count_lines(raw, 0, len(raw))
     return {
