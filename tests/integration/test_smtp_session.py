@@ -237,3 +237,37 @@ def test_a_bug_after_a_delivery_aborts_the_connection_and_is_logged(
     assert any(
         r.name == "postroom.smtp.adapter" and "planted bug" in r.getMessage() + str(r.exc_info) for r in caplog.records
     )
+
+
+def test_a_message_the_analyser_fails_on_is_still_delivered(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the parse-once analysis (planted) must not refuse mail: the message gets 250 and is stored
+    with the minimal structure, and the failure is logged (an MX answering 451 would see every retry of the
+    sender fail the same way, and the mail would never arrive)."""
+    from postroom.store import sqlite_append
+
+    def broken(raw: bytes) -> Any:
+        raise ValueError("planted analyser bug")
+
+    monkeypatch.setattr(sqlite_append, "analyze", broken)
+    sock, f = connect(srv)
+    with caplog.at_level(logging.ERROR, logger="postroom.store.sqlite_append"):
+        sock.sendall(TRANSACTION % (ALICE.encode(), b"odd") + b"QUIT\r\n")
+        assert codes(f, 5) == [b"250", b"250", b"354", b"250", b"221"]
+    sock.close()
+    (raw,) = srv.inbox(ALICE)
+    assert raw.endswith(b"Subject: odd\r\n\r\nbody\r\n")
+    assert "planted analyser bug" in caplog.text
+
+    async def structure() -> dict[str, Any]:
+        acct = await srv.store.get_account(ALICE)
+        assert acct is not None
+        mb = await srv.store.get_mailbox(acct.id, "INBOX")
+        assert mb is not None
+        (msg,) = await srv.store.messages(mb.id)
+        return (await srv.store.structures([msg.blob_id]))[msg.blob_id]
+
+    st = srv.call(structure())
+    assert st["fields"] == [] and st["env"] == [None] * 10
+    assert raw[st["body"]["o"] + st["body"]["h"] :] == b"body\r\n"

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
+from postroom.imap.encode import bodystructure, envelope
+from postroom.mime import STRUCTURE_VERSION, analyze, minimal_structure, searchable_text
 from postroom.mime.headers import (
     _FOLD,
     _parse_addresses_general,
@@ -275,3 +276,16 @@ def test_newlines_counts_like_bytes_count(raw: bytes, a: int, b: int, copy_max: 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(analyze_module, "COUNT_BY_COPY_MAX", copy_max)
         assert analyze_module._newlines(raw, start, end) == raw.count(b"\n", start, end)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_minimal_structure_serves_fetch(raw: bytes) -> None:
+    """The structure stored when analysis fails renders as ENVELOPE and BODYSTRUCTURE, and its offsets
+    cover the message: the header block as ``analyze`` finds it, the rest as the body."""
+    s = minimal_structure(raw)
+    assert s["v"] == STRUCTURE_VERSION and s["header_size"] == analyze(raw)["header_size"]
+    body = s["body"]
+    assert body["o"] == 0 and body["h"] == s["header_size"] and body["h"] + body["b"] == len(raw)
+    assert envelope(s["env"]).startswith(b"(NIL NIL NIL")
+    assert bodystructure(body, True).startswith(b'("text" "plain"')

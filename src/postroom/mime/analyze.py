@@ -244,6 +244,39 @@ def analyze(raw: bytes) -> dict[str, Any]:
     }
 
 
+def minimal_structure(raw: bytes) -> dict[str, Any]:
+    """A structure found by byte searches alone, for a message :func:`analyze` failed on (it is meant to be
+    total, so only a bug gets here): the header block kept as it is, the rest one ``text/plain`` body, no
+    parsed fields, an empty envelope, no date. FETCH of any section still works; SEARCH on header fields
+    does not find the message. It carries the current version, so a newer analyser looks at it again."""
+    header_end = _header_end(raw, 0, len(raw))
+    return {
+        "v": STRUCTURE_VERSION,
+        "header_size": header_end,
+        "header": raw[:header_end].decode("latin-1"),
+        "lines": _count_lines(raw, 0, len(raw)),
+        "env": [None] * 10,
+        "date": None,
+        "fields": [],
+        "body": {
+            "t": "text",
+            "s": "plain",
+            "p": [["charset", "us-ascii"]],
+            "id": None,
+            "d": None,
+            "e": "7BIT",
+            "md5": None,
+            "disp": None,
+            "lang": None,
+            "loc": None,
+            "o": 0,
+            "h": header_end,
+            "b": len(raw) - header_end,
+            "l": _count_lines(raw, header_end, len(raw)),
+        },
+    }
+
+
 def searchable_text(raw: bytes) -> tuple[str, str]:
     """``(headers, body)``: the text the full-text index holds for ``raw``, at most ``MAX_TEXT`` characters
     together. Headers: the decoded values of the top-level header fields, one per line. Body: the decoded

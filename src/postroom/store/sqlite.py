@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import orjson
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreError
-from postroom.mime import STRUCTURE_VERSION, analyze, searchable_text
+from postroom.mime import STRUCTURE_VERSION, searchable_text
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
     Changes,
@@ -47,7 +47,7 @@ from postroom.store.api import (
 )
 from postroom.store.changes import ChangeHub
 from postroom.store.sqlite_accounts import AccountsMixin
-from postroom.store.sqlite_append import INLINE_MAX, AppendMixin, flag_text
+from postroom.store.sqlite_append import INLINE_MAX, AppendMixin, flag_text, structure_of
 from postroom.store.sqlite_queue import QueueMixin
 from postroom.store.sqlite_search import SearchMixin
 
@@ -424,7 +424,7 @@ class SqliteStore(AppendMixin, AccountsMixin, QueueMixin, SearchMixin, Store):
 
     async def _reanalyze(self, blob_id: int) -> dict[str, Any]:
         raw = await self.read(blob_id)
-        st = analyze(raw)
+        st = structure_of(raw)
         text = orjson.dumps(st).decode()
         heads, body = searchable_text(raw)
 
