@@ -49,6 +49,10 @@ from postroom.wire.replies import Reply
 
 # RFC 1869 §4.1.2: extensions raise the command line limit for MAIL/RCPT (DSN ORCPT alone may be 500).
 PARAMS_EXTRA = 1000  # octets allowed beyond max_command_line on MAIL and RCPT lines
+#: Events the adapter must answer before the core goes on (a tuple: ``isinstance`` with ``A | B`` builds a
+#: union object on every call, ~0.35 µs, and next_event runs ~11 times per message).
+ANSWERED_EVENTS = (MailFrom, RcptTo, Message, AuthAttempt)
+REPLIED_EVENTS = (MailFrom, RcptTo, Message)  # answered with a Reply (AuthAttempt: answer_auth)
 HTTP_VERBS = frozenset({b"GET", b"POST", b"CONNECT", b"HEAD", b"PUT", b"OPTIONS", b"DELETE", b"PATCH"})
 
 
@@ -184,14 +188,14 @@ class SmtpServer:
         if not self._ready:
             return NEED_DATA
         event = self._ready.pop(0)
-        if isinstance(event, MailFrom | RcptTo | Message | AuthAttempt):
+        if isinstance(event, ANSWERED_EVENTS):
             self._waiting = event
         return event
 
     def answer(self, reply: Reply, token: Any = None) -> None:
         """Answer the pending MailFrom, RcptTo or Message event with ``reply``."""
         event = self._waiting
-        if not isinstance(event, MailFrom | RcptTo | Message):
+        if not isinstance(event, REPLIED_EVENTS):
             raise LocalProtocolError("no MAIL, RCPT or message event awaits an answer")
         self._waiting = None
         if isinstance(event, MailFrom):
