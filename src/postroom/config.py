@@ -202,6 +202,8 @@ def _validate(cfg: Config) -> None:
         fail("smtp.max_command_line", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
     if cfg.smtp.max_text_line < 1000:
         fail("smtp.max_text_line", "must be at least 1000 (RFC 5321 §4.5.3.1.6)")
+    if cfg.smtp.max_received < 0:
+        fail("smtp.max_received", "must be 0 (no limit) or more; RFC 5321 §6.3 suggests at least 100")
     if cfg.store.url and not cfg.store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         fail("store.url", "must start with sqlite:/// or postgresql://")
 

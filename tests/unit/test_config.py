@@ -111,6 +111,7 @@ shutdown_grace = 2.5
         ("domains = ['a@b']", "invalid domain"),
         ("[imap]\nmax_line = 100", "RFC 7162"),
         ("[pop3]\nidle_timeout = 5", "RFC 1939"),
+        ("[smtp]\nmax_received = -1", "smtp.max_received: must be 0"),
         ("[store]\nurl = 'mysql://x'", "store.url"),
         ("[delivery]\ntls_policy = 'sometimes'", "delivery.tls_policy"),
         ("[net]\nevent_loop = 'twisted'", "net.event_loop: must be one of uvloop, asyncio"),

@@ -7,7 +7,7 @@ from test_smtp_driver import Driver, limits, plain
 
 from postroom.errors import LocalProtocolError
 from postroom.smtp.events import Close, Message, NeedData
-from postroom.smtp.server import SmtpServer
+from postroom.smtp.server import SmtpServer, received_fields
 from postroom.wire import replies
 
 MAIL = b"EHLO client.test\r\nMAIL FROM:<sender@remote.test>\r\nRCPT TO:<alice@local.test>\r\n"
@@ -105,6 +105,32 @@ def test_recipient_limit() -> None:
     d.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
     codes = d.codes(b"RCPT TO:<alice@local.test>\r\n" * 4)
     assert codes == ["250 2.1.5"] * 3 + ["452 4.5.3"]
+
+
+def test_too_many_received_fields_is_a_mail_loop() -> None:
+    """RFC 5321 §6.3: a message that already carries ``max_received`` Received: fields is refused with
+    554 5.4.6, in DATA and BDAT alike; the session goes on. Received: lines in the body, and the
+    continuation lines of folded fields, do not count; the name matches in any case."""
+    d = Driver(limits=limits(max_received=3))
+    two = b"Received: from a\r\n\tby b\r\nRECEIVED: from c\r\nSubject: x\r\n\r\n"
+    d.send(MAIL + b"DATA\r\n")
+    assert d.codes(two + b"Received: in the body\r\nReceived: too\r\n.\r\n") == ["250 2.0.0"]
+    d.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\nDATA\r\n")
+    assert d.codes(b"received: from z\r\n" + two + b"body\r\n.\r\n") == ["554 5.4.6"]
+    d.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@local.test>\r\n")
+    three = b"received: from z\r\n" + two + b"body\r\n"
+    assert d.codes(b"BDAT %d LAST\r\n" % len(three) + three) == ["554 5.4.6"]
+    assert d.codes(b"MAIL FROM:<s@remote.test>\r\n") == ["250 2.1.0"]  # the transaction was reset
+    assert len(d.messages) == 1
+    unlimited = Driver(limits=limits(max_received=0))
+    unlimited.send(MAIL + b"DATA\r\n")
+    assert unlimited.codes(b"Received: x\r\n" * 500 + b"\r\n.\r\n") == ["250 2.0.0"]
+
+
+def test_received_fields_counts_only_the_header_block() -> None:
+    assert received_fields(b"\r\nReceived: x\r\n") == 0  # no header at all
+    assert received_fields(b"Received: x\r\nReceived: y\r\n") == 2  # no blank line: all header
+    assert received_fields(b"X-Received: x\r\nreceived:y\r\n\r\nReceived: z\r\n") == 1
 
 
 def test_command_line_limit() -> None:

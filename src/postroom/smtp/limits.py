@@ -8,6 +8,7 @@ MAX_COMMAND_LINE = 512  # octets incl. CRLF, RFC 5321 §4.5.3.1.4 (MAIL/RCPT may
 MAX_TEXT_LINE = 1000  # octets incl. CRLF, RFC 5321 §4.5.3.1.6
 MAX_RECIPIENTS = 100  # RFC 5321 §4.5.3.1.8 requires accepting at least 100
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024  # octets, advertised with SIZE (RFC 1870)
+MAX_RECEIVED = 100  # Received: fields a message may already carry, RFC 5321 §6.3 ("normally at least 100")
 MAX_ERRORS = 10  # 5xx replies before 421 and close (Postfix smtpd_hard_error_limit is 20)
 COMMAND_TIMEOUT = 300.0  # seconds for one command line to arrive, RFC 5321 §4.5.3.2.7 (5 minutes)
 DATA_TIMEOUT = 600.0  # seconds without any progress while receiving DATA/BDAT, RFC 5321 §4.5.3.2.6
@@ -26,6 +27,7 @@ class SmtpConfig:
     max_text_line: int = MAX_TEXT_LINE
     max_recipients: int = MAX_RECIPIENTS
     max_message_size: int = MAX_MESSAGE_SIZE
+    max_received: int = MAX_RECEIVED  # mail-loop detection; 0: no limit
     max_errors: int = MAX_ERRORS
     command_timeout: float = COMMAND_TIMEOUT
     data_timeout: float = DATA_TIMEOUT

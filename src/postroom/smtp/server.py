@@ -343,6 +343,10 @@ class SmtpServer:
 
     def _emit_message(self, data: bytes) -> None:
         assert self._mail is not None
+        if self.limits.max_received and received_fields(data) >= self.limits.max_received:
+            self._reset_transaction()  # RFC 5321 §6.3: a loop; 554 like Postfix's hopcount_limit
+            self._reply(replies.MAIL_LOOP)
+            return
         env = Envelope(self._mail, tuple(self._rcpts), self.helo, self._protocol(), self.authenticated)
         self._ready.append(Message(env, data))
 
@@ -396,6 +400,14 @@ class SmtpServer:
             self._reply(Reply.of(501, "5.5.2", "Authentication response too long"))
             return
         _sasl_step(self, lambda sasl: sasl.respond(line))
+
+
+def received_fields(data: bytes) -> int:
+    """The ``Received:`` fields in the header block of ``data`` (message content, CRLF line endings): the
+    trace fields every relay adds, counted to detect a mail loop (RFC 5321 §6.3)."""
+    end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n")
+    header = (data if end < 0 else data[:end]).lower()
+    return header.count(b"\nreceived:") + header.startswith(b"received:")
 
 
 @functools.lru_cache(maxsize=16)

@@ -94,6 +94,7 @@ RELAY_DENIED = Reply.of(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = Reply.of(553, "5.7.1", "Sender address not owned by authenticated user")
 MESSAGE_TOO_BIG = Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_LINE_ENDING = Reply.of(550, "5.6.11", "Bare CR or LF in message data is not allowed, use CRLF")
+MAIL_LOOP = Reply.of(554, "5.4.6", "Too many Received: header fields, mail loop suspected")  # RFC 5321 §6.3
 TEXT_LINE_TOO_LONG = Reply.of(550, "5.6.0", "Message has a line longer than allowed (RFC 5321 4.5.3.1.6)")
 UTF8_REQUIRED = Reply.of(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 HTTP_REJECTED = Reply.of(554, "5.7.0", "This is an SMTP server, not a web proxy; closing")
