@@ -270,3 +270,26 @@ def test_graceful_shutdown_says_421_to_waiting_sessions(srv: RunningServer) -> N
     assert f.readline() == b""
     assert cancelled == 0  # nobody had to be cancelled: the idle session left by itself
     idle.close()
+
+
+def test_submission_adds_a_missing_date_and_message_id_mx_does_not(srv: RunningServer) -> None:
+    """RFC 6409 §8.2-8.3: the MSA adds ``Date:`` and ``Message-ID:`` to a submitted message that lacks them
+    (scripts and devices often send none, and providers refuse mail without a Message-ID), keeps the ones
+    it has, and an MX stores what it received as it was."""
+    bare = b"From: alice@example.test\r\nSubject: bare\r\n\r\nno date, no id\r\n"
+    full = b"Date: Mon, 7 Feb 1994 21:52:25 -0800\r\nmessage-id: <own@x.test>\r\nSubject: full\r\n\r\nhas both\r\n"
+    with smtplib.SMTP_SSL(srv.host, srv.ports["submissions"], context=srv.client_tls()) as s:
+        s.login(ALICE, ALICE_PW)
+        assert s.sendmail(ALICE, [ALICE], bare) == {}
+        assert s.sendmail(ALICE, [ALICE], full) == {}
+    with smtplib.SMTP(srv.host, srv.ports["smtp"]) as s:
+        assert s.sendmail("sender@remote.test", [ALICE], bare) == {}
+    submitted, kept, relayed = srv.inbox(ALICE)
+    header, _, body = submitted.partition(b"\r\n\r\n")
+    assert body == b"no date, no id\r\n"
+    lines = header.split(b"\r\n")
+    assert lines[-4:-2] == [b"From: alice@example.test", b"Subject: bare"]  # added after the sender's fields
+    assert lines[-2].startswith(b"Date: ") and lines[-2].endswith(b" +0000")
+    assert lines[-1].startswith(b"Message-ID: <") and lines[-1].endswith(b"@mx.example.test>")
+    assert kept.endswith(full) and kept.lower().count(b"message-id:") == 1 and kept.count(b"\r\nDate:") == 1
+    assert relayed.endswith(b"\r\n" + bare) and b"Message-ID" not in relayed

@@ -13,6 +13,8 @@ Invariants:
 - **250 means durable**: the reply to the final dot / BDAT LAST is queued only after ``store.append``
   returned (the store fsyncs, with group commit). Any failure gives 451 4.3.0 (StoreFullError: 452 4.3.1),
   never 250. One stored copy serves every local recipient of a transaction.
+- Submission only: a message without ``Date:`` or ``Message-ID:`` gets them (RFC 6409 §8,
+  ``smtp.submission``); mail arriving as an MX is stored as sent.
 - Remote recipients (submission only) go to the outbound queue through the same ``append`` call, in the
   same commit as the local copies. ``Return-Path:`` is added only when there are local recipients; the
   queue runner drops a leading ``Return-Path:`` before relaying (RFC 5321 §4.4).
@@ -48,6 +50,7 @@ from postroom.net.server import Listener, shutdown_event
 from postroom.smtp import policy, trace
 from postroom.smtp.events import NEED_DATA, AuthAttempt, Close, Event, MailFrom, Message, RcptTo, StartTls
 from postroom.smtp.server import Settings, SmtpServer
+from postroom.smtp.submission import complete as complete_submission
 from postroom.store.api import Account, AppendTarget, OutboundEnvelope, OutboundRecipient
 from postroom.wire import replies
 from postroom.wire.replies import Reply
@@ -510,7 +513,8 @@ class SmtpSession(ServedProtocol):
             )
         # One stored copy, one commit, for the local mailboxes and the queue alike (atomic: a failure
         # leaves nothing half-delivered for the client's retry to duplicate).
-        raw = (trace.return_path(mail.sender) if mailboxes else b"") + received + event.data
+        data = complete_submission(event.data, self.app.hostname) if self.submission else event.data
+        raw = (trace.return_path(mail.sender) if mailboxes else b"") + received + data
         try:
             await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes], outbound)
         except StoreFullError:

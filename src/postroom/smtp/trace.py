@@ -21,7 +21,8 @@ def _clean(text: str, limit: int = 255) -> str:
     return _UNSAFE.sub("?", text)[:limit] or "unknown"
 
 
-def _date(now: float) -> str:
+def rfc5322_date(now: float) -> str:
+    """``now`` as an RFC 5322 §3.3 date in UTC with a numeric zone (``+0000``), cached per second."""
     global _date_cache
     second = int(now)
     if _date_cache[0] != second:
@@ -53,7 +54,7 @@ def received(
         tls = f"(using {_clean(version, 32)} with cipher {_clean(cipher, 96)})" if cipher else f"({tls_info})"
         lines.append(f"\t{tls}")
     lines.append(f"\tby {hostname} (Postroom) with {protocol} id {queue_id}")
-    date = _date(time.time() if now is None else now)
+    date = rfc5322_date(time.time() if now is None else now)
     if recipient is not None:
         lines.append(f"\tfor <{_clean(str(recipient), 300)}>; {date}")
     else:

@@ -1,0 +1,47 @@
+"""What a Message Submission Agent adds to a message that lacks it (RFC 6409 §8).
+
+Pure functions. Invariants: only a submitted message (port 587/465, authenticated) is completed, never one
+relayed to us as an MX (RFC 6409 §8: these are the MSA's changes; an MTA leaves content alone); a field the
+message has, in any case, is never added twice; added fields go at the end of the header block, before the
+blank line, with CRLF line endings like the rest of the content.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from postroom.smtp.trace import rfc5322_date
+
+
+def header_end(data: bytes) -> int:
+    """Offset just after the last header line's line ending, where the blank line starts: 0 when the
+    message has no header, ``len(data)`` when it has no blank line. A bare-LF blank line counts too (BDAT
+    content is binary and may use LF), whichever comes first."""
+    if data.startswith((b"\r\n", b"\n")):
+        return 0
+    ends = [i + 2 for i in (data.find(b"\r\n\r\n"),) if i >= 0] + [i + 1 for i in (data.find(b"\n\n"),) if i >= 0]
+    return min(ends) if ends else len(data)
+
+
+def has_field(header: bytes, name: bytes) -> bool:
+    """Whether the header block ``header`` has a field called ``name`` (lower case, with the colon)."""
+    low = header.lower()
+    return low.startswith(name) or b"\n" + name in low
+
+
+def complete(data: bytes, hostname: str, now: float | None = None) -> bytes:
+    """``data`` with a ``Date:`` (RFC 6409 §8.2, MAY) and a ``Message-ID:`` (§8.3, SHOULD) if it lacks them.
+    Many providers refuse mail without a Message-ID, and scripts, printers and scanners often send none."""
+    end = header_end(data)
+    header = data[:end]
+    added = b""
+    if not has_field(header, b"date:"):
+        added += f"Date: {rfc5322_date(time.time() if now is None else now)}\r\n".encode()
+    if not has_field(header, b"message-id:"):
+        added += f"Message-ID: <{os.urandom(12).hex()}@{hostname}>\r\n".encode()
+    if not added:
+        return data
+    if end == len(data) and data and not data.endswith(b"\r\n"):  # a header with no blank line or body
+        return data + b"\r\n" + added
+    return data[:end] + added + data[end:]
