@@ -9,6 +9,7 @@ blank line, with CRLF line endings like the rest of the content.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from postroom.smtp.trace import rfc5322_date
@@ -25,9 +26,9 @@ def header_end(data: bytes) -> int:
 
 
 def has_field(header: bytes, name: bytes) -> bool:
-    """Whether the header block ``header`` has a field called ``name`` (lower case, with the colon)."""
-    low = header.lower()
-    return low.startswith(name) or b"\n" + name in low
+    """Whether the header block ``header`` has a field ``name`` (lower case, without the colon), in any case
+    and also in the obsolete form with blanks before the colon (RFC 5322 §4.5)."""
+    return re.search(rb"(?:^|\n)" + re.escape(name) + rb"[ \t]*:", header.lower()) is not None
 
 
 def complete(data: bytes, hostname: str, now: float | None = None) -> bytes:
@@ -36,9 +37,9 @@ def complete(data: bytes, hostname: str, now: float | None = None) -> bytes:
     end = header_end(data)
     header = data[:end]
     added = b""
-    if not has_field(header, b"date:"):
+    if not has_field(header, b"date"):
         added += f"Date: {rfc5322_date(time.time() if now is None else now)}\r\n".encode()
-    if not has_field(header, b"message-id:"):
+    if not has_field(header, b"message-id"):
         added += f"Message-ID: <{os.urandom(12).hex()}@{hostname}>\r\n".encode()
     if not added:
         return data
