@@ -479,6 +479,36 @@ async def test_structure_of_an_older_version_is_analysed_again(store: Store, sto
     assert await store.search_text(mb, ["contract"]) == {1}
 
 
+async def test_sqlite_reanalysis_that_fails_still_serves_fetch(
+    store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite only: an old row re-analysed by parsers that raise (planted bugs) gets the minimal structure
+    and empty search text, both logged, instead of failing every FETCH of the message."""
+    import sqlite3
+
+    from postroom.store import sqlite_append, sqlite_search
+    from postroom.store.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    mb = await _inbox(store)
+    await store.append(MSG, [AppendTarget(mb)])
+    blob = (await store.messages(mb))[0].blob_id
+    conn = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")) / "meta.db")
+    with conn:
+        conn.execute("UPDATE blobs SET structure='{\"v\": 1}' WHERE id=?", (blob,))
+    conn.close()
+
+    def broken(raw: bytes) -> dict[str, object]:
+        raise ValueError("planted")
+
+    monkeypatch.setattr(sqlite_append, "analyze", broken)
+    monkeypatch.setattr(sqlite_search, "searchable_text", broken)
+    st = (await store.structures([blob]))[blob]
+    raw = await store.read(blob)
+    assert st["fields"] == [] and st["body"]["h"] + st["body"]["b"] == len(raw)
+    assert "not analysed" in caplog.text and "no searchable text" in caplog.text
+
+
 async def test_sqlite_schema_1_is_migrated(tmp_path: Path) -> None:
     """A store written by the first schema (text inside the structure JSON, contentless index) opens, keeps
     its mail, and finds it by full-text search."""

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import orjson
 
 from postroom.errors import AlreadyExistsError, NotFoundError, StoreError
-from postroom.mime import STRUCTURE_VERSION, searchable_text
+from postroom.mime import STRUCTURE_VERSION
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
     Changes,
@@ -426,7 +426,7 @@ class SqliteStore(AppendMixin, AccountsMixin, QueueMixin, SearchMixin, Store):
         raw = await self.read(blob_id)
         st = structure_of(raw)
         text = orjson.dumps(st).decode()
-        heads, body = searchable_text(raw)
+        heads, body = self._text_of(blob_id, raw)
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
             c.execute("UPDATE blobs SET structure=? WHERE id=?", (text, blob_id))

@@ -86,13 +86,19 @@ class SearchMixin:
                     data = (self.blob_dir / path).read_bytes()
                 except FileNotFoundError:
                     continue
-            try:
-                heads, body = searchable_text(data or b"")
-            except Exception:  # a parser bug must not stall the index on this message for ever
-                log.exception("blob %d: no searchable text derived, indexed as empty", blob_id)
-                heads, body = "", ""
+            heads, body = self._text_of(blob_id, data or b"")
             out.append((blob_id, heads, body))
         return out
+
+    @staticmethod
+    def _text_of(blob_id: int, raw: bytes) -> tuple[str, str]:
+        """``searchable_text(raw)``, or empty text (logged) should it raise: a parser bug must not stall the
+        index on this message for ever, nor fail every FETCH that re-analyses it."""
+        try:
+            return searchable_text(raw)
+        except Exception:
+            log.exception("blob %d: no searchable text derived, indexed as empty", blob_id)
+            return "", ""
 
     def _index_tx(self, c: sqlite3.Connection, blob_id: int, heads: str, body: str) -> None:
         c.execute("INSERT INTO blob_text VALUES(?,?,?)", (blob_id, heads, body))
