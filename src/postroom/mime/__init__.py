@@ -6,6 +6,6 @@ re-parsing. :func:`searchable_text` is what the full-text index holds. Pure func
 store, no asyncio.
 """
 
-from postroom.mime.analyze import STRUCTURE_VERSION, analyze, minimal_structure, searchable_text
+from postroom.mime.analyze import STRUCTURE_VERSION, analyze, minimal_structure, searchable_text, split_header
 
-__all__ = ["STRUCTURE_VERSION", "analyze", "minimal_structure", "searchable_text"]
+__all__ = ["STRUCTURE_VERSION", "analyze", "minimal_structure", "searchable_text", "split_header"]

@@ -56,20 +56,33 @@ MAX_PARTS = 1000  # parts analysed per message; the rest are ignored (bounds wor
 _TAGS = re.compile(r"<[^>]*>")
 
 
-def _header_end(raw: bytes, start: int, end: int) -> int:
-    """Offset just after the blank line ending the header block in ``raw[start:end]`` (or ``end``)."""
+def _blank_line(raw: bytes, start: int, end: int) -> tuple[int, int]:
+    """Where the blank line ending the header block in ``raw[start:end]`` starts, and the offset just after
+    it (where the body starts); ``(end, end)`` when there is none. A bare-LF blank line counts too, when it
+    comes before the CRLF one."""
     if raw.startswith(b"\r\n", start):
-        return start + 2
+        return start, start + 2
     if raw.startswith(b"\n", start):
-        return start + 1
+        return start, start + 1
     crlf = raw.find(b"\r\n\r\n", start, end)
     # A bare-LF blank line counts only before the CRLF one: search no further (not through the whole body).
     lf = raw.find(b"\n\n", start, crlf + 1 if crlf >= 0 else end)
     if crlf < 0 and lf < 0:
-        return end
+        return end, end
     if crlf >= 0 and (lf < 0 or crlf + 1 < lf):
-        return crlf + 4
-    return lf + 2
+        return crlf + 2, crlf + 4
+    return lf + 1, lf + 2
+
+
+def _header_end(raw: bytes, start: int, end: int) -> int:
+    """Offset just after the blank line ending the header block in ``raw[start:end]`` (or ``end``)."""
+    return _blank_line(raw, start, end)[1]
+
+
+def split_header(raw: bytes) -> tuple[int, int]:
+    """``(blank line, body)`` offsets of a whole message: ``raw[:blank]`` is its header fields, each with its
+    line ending, ``raw[body:]`` its body; ``(len, len)`` when it has no blank line."""
+    return _blank_line(raw, 0, len(raw))
 
 
 COUNT_BY_COPY_MAX = 1024 * 1024  # octets: up to this, newlines are counted on a copy (see _newlines)

@@ -28,6 +28,7 @@ from typing import Any
 
 from postroom.auth.sasl import MAX_RESPONSE, Challenge, Credentials, SaslCancelled, SaslError, SaslExchange
 from postroom.errors import LocalProtocolError, ReplyError
+from postroom.mime import split_header
 from postroom.smtp import commands
 from postroom.smtp.events import (
     NEED_DATA,
@@ -405,8 +406,7 @@ class SmtpServer:
 def received_fields(data: bytes) -> int:
     """The ``Received:`` fields in the header block of ``data`` (message content, CRLF line endings): the
     trace fields every relay adds, counted to detect a mail loop (RFC 5321 §6.3)."""
-    end = 0 if data.startswith(b"\r\n") else data.find(b"\r\n\r\n")
-    header = (data if end < 0 else data[:end]).lower()
+    header = data[: split_header(data)[0]].lower()
     return header.count(b"\nreceived:") + header.startswith(b"received:")
 
 

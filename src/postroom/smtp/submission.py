@@ -12,30 +12,21 @@ import os
 import re
 import time
 
+from postroom.mime import split_header
 from postroom.smtp.trace import rfc5322_date
 
 
-def header_end(data: bytes) -> int:
-    """Offset just after the last header line's line ending, where the blank line starts: 0 when the
-    message has no header, ``len(data)`` when it has no blank line. A bare-LF blank line counts too (BDAT
-    content is binary and may use LF), whichever comes first."""
-    if data.startswith((b"\r\n", b"\n")):
-        return 0
-    ends = [i + 2 for i in (data.find(b"\r\n\r\n"),) if i >= 0] + [i + 1 for i in (data.find(b"\n\n"),) if i >= 0]
-    return min(ends) if ends else len(data)
-
-
 def has_field(header: bytes, name: bytes) -> bool:
-    """Whether the header block ``header`` has a field ``name`` (lower case, without the colon), in any case
-    and also in the obsolete form with blanks before the colon (RFC 5322 §4.5)."""
-    return re.search(rb"(?:^|\n)" + re.escape(name) + rb"[ \t]*:", header.lower()) is not None
+    """Whether the lower-cased header block ``header`` has a field ``name`` (lower case, without the colon),
+    also in the obsolete form with blanks before the colon (RFC 5322 §4.5)."""
+    return re.search(rb"(?:^|\n)" + re.escape(name) + rb"[ \t]*:", header) is not None
 
 
 def complete(data: bytes, hostname: str, now: float | None = None) -> bytes:
     """``data`` with a ``Date:`` (RFC 6409 §8.2, MAY) and a ``Message-ID:`` (§8.3, SHOULD) if it lacks them.
     Many providers refuse mail without a Message-ID, and scripts, printers and scanners often send none."""
-    end = header_end(data)
-    header = data[:end]
+    end, _ = split_header(data)
+    header = data[:end].lower()
     added = b""
     if not has_field(header, b"date"):
         added += f"Date: {rfc5322_date(time.time() if now is None else now)}\r\n".encode()
