@@ -31,7 +31,8 @@ FORBIDDEN = ("asyncio", "socket", "ssl", "selectors", "postroom.store", "postroo
 def _imports(module: str) -> set[str]:
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin is not None
-    tree = ast.parse(Path(spec.origin).read_text())
+    origin = Path(spec.origin)  # the source, also when a compiled extension was found (make native)
+    tree = ast.parse(origin.with_name(origin.name.split(".", 1)[0] + ".py").read_text())
     out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
