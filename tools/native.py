@@ -94,7 +94,7 @@ def build() -> int:
         return 0
     clean()
     (BUILD / "last-error.log").write_text(done.stdout + done.stderr)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error" in line.lower()]
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if ": error" in line]  # mypy's and gcc's
     why = (errors or (done.stdout + done.stderr).strip().splitlines() or ["no output"])[0]
     print(f"native: mypyc build failed ({why}; log in build/native/last-error.log): Postroom runs as plain Python")
     return 1 if os.environ.get("POSTROOM_REQUIRE_NATIVE") == "1" else 0
