@@ -94,8 +94,9 @@ def build() -> int:
         return 0
     clean()
     (BUILD / "last-error.log").write_text(done.stdout + done.stderr)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if ": error" in line]  # mypy's and gcc's
-    why = (errors or (done.stdout + done.stderr).strip().splitlines() or ["no output"])[0]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if ": error" in line or line.startswith("error:")]  # mypy, gcc, setuptools
+    why = (errors or lines[-1:] or ["no output"])[0]
     print(f"native: mypyc build failed ({why}; log in build/native/last-error.log): Postroom runs as plain Python")
     return 1 if os.environ.get("POSTROOM_REQUIRE_NATIVE") == "1" else 0
 
