@@ -65,9 +65,11 @@ def extensions() -> list[Path]:
 
 
 def up_to_date() -> bool:
+    """Exactly the modules of :data:`MODULES` are compiled (a module dropped from the list must not keep
+    running compiled), and none of their sources is newer than any extension."""
     exts = extensions()
-    have = {p.relative_to(SRC).as_posix().removesuffix(SUFFIX) + ".py" for p in exts}
-    if not all(m in have for m in MODULES):
+    have = {p.relative_to(SRC).as_posix().removesuffix(SUFFIX) + ".py" for p in exts if p.parent != SRC}
+    if have != set(MODULES):
         return False
     oldest = min(p.stat().st_mtime for p in exts)
     return all((SRC / m).stat().st_mtime <= oldest for m in MODULES)
