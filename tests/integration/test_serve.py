@@ -168,6 +168,10 @@ def test_banner_tls_everywhere_and_clean_sigterm(tmp_path: Path, servers: list[S
     assert oct(os.stat(data / "tls" / "key.pem").st_mode & 0o777) == "0o600"
     fingerprint = tls.fingerprint(cert)
     assert f"sha256    {fingerprint}" in text
+    code = re.search(r"^  code      (.+)$", text, re.M)
+    assert code is not None
+    if os.environ.get("POSTROOM_REQUIRE_NATIVE") == "1":  # CI: the compiled modules are the ones running
+        assert "compiled with mypyc" in code.group(1), code.group(1)
     ports = srv.ports()
     assert set(ports) == set(services)
     for service, (_, mode) in ports.items():
