@@ -103,6 +103,13 @@ def build() -> int:
     return 1 if os.environ.get("POSTROOM_REQUIRE_NATIVE") == "1" else 0
 
 
+def remove() -> int:
+    clean()
+    shutil.rmtree(BUILD, ignore_errors=True)
+    print("native: removed; Postroom runs as plain Python")
+    return 0
+
+
 def status() -> int:
     exts = extensions()
     state = "up to date" if exts and up_to_date() else "stale" if exts else "not built (plain Python)"
@@ -111,12 +118,7 @@ def status() -> int:
 
 
 def main(argv: list[str]) -> int:
-    commands = {"build": build, "status": status}
-    if argv == ["clean"]:
-        clean()
-        shutil.rmtree(BUILD, ignore_errors=True)
-        print("native: removed; Postroom runs as plain Python")
-        return 0
+    commands = {"build": build, "clean": remove, "status": status}
     if len(argv) != 1 or argv[0] not in commands:
         print(__doc__.rsplit("Usage: ", 1)[1].strip(), file=sys.stderr)
         return 2

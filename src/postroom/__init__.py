@@ -10,19 +10,25 @@ the message instead, since Python would otherwise import the old compiled code a
 from __future__ import annotations
 
 import importlib.machinery
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
 
 
 def stale_extensions(package: Path) -> list[Path]:
-    """The compiled modules under ``package`` whose ``.py`` source is newer than they are."""
+    """The compiled modules under ``package`` whose ``.py`` source is newer than they are. One walk of the
+    tree (it runs at every start of every process), ``__pycache__`` left out."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     stale = []
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        for ext in package.rglob("*" + suffix):
-            source = ext.with_name(ext.name.removesuffix(suffix) + ".py")
-            if source.exists() and source.stat().st_mtime > ext.stat().st_mtime:
-                stale.append(ext)
+    for folder, dirs, files in os.walk(package):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(suffixes):
+                ext = os.path.join(folder, name)
+                source = os.path.join(folder, name.split(".", 1)[0] + ".py")
+                if os.path.exists(source) and os.stat(source).st_mtime > os.stat(ext).st_mtime:
+                    stale.append(Path(ext))
     return stale
 
 
