@@ -43,6 +43,7 @@ MODULES = (
     "postroom/wire/replies.py",
     "postroom/mime/analyze.py",
     "postroom/mime/headers.py",
+    "postroom/store/sqlite_db.py",
 )
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
 

@@ -229,21 +229,18 @@ def test_a_failed_wal_fsync_fails_the_batch(
     assert third == 3
 
 
-def test_without_wal_commits_stay_synchronous_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_wal_commits_stay_synchronous_full(tmp_path: Path) -> None:
     """Where WAL cannot be used, SQLite keeps a rollback journal: then COMMIT itself must sync (FULL), and
     there is no WAL file for the writer to sync."""
-    import postroom.store.sqlite_db as sqlite_db
-
-    real_connect = sqlite_db.connect
 
     def rollback_journal(path: Path) -> sqlite3.Connection:
-        conn = real_connect(path)
+        conn = connect(path)
         conn.execute("PRAGMA journal_mode=DELETE")
         return conn
 
-    monkeypatch.setattr(sqlite_db, "connect", rollback_journal)
     path = tmp_path / "db"
-    writer = _writer(path)
+    _writer(path)  # creates the table
+    writer = GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, opener=rollback_journal)
 
     async def main() -> tuple[int, int]:
         writer.start()

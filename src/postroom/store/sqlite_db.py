@@ -245,14 +245,22 @@ class GroupCommitWriter:
     COMMIT, so the event loop is woken once per commit, not once per job.
     """
 
-    def __init__(self, path: Path, cleanup: Callable[[Touched], None], announce: Callable[[Touched], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        cleanup: Callable[[Touched], None],
+        announce: Callable[[Touched], None],
+        opener: Callable[[Path], sqlite3.Connection] = connect,
+    ) -> None:
         """``cleanup(touched)`` runs on the writer thread after each COMMIT (file removal: I/O off the loop);
-        ``announce(touched)`` runs on the event loop just before the batch's callers are answered."""
+        ``announce(touched)`` runs on the event loop just before the batch's callers are answered;
+        ``opener`` makes the writer's connection (:func:`connect`; tests give it another journal mode)."""
         self._path = path
+        self._opener = opener
         self._cleanup = cleanup
         self._announce = announce
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="postroom-store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd = -1
@@ -262,17 +270,17 @@ class GroupCommitWriter:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._conn = connect(self._path)
+        self._conn = self._opener(self._path)
         mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
         self._own_sync = str(mode).lower() == "wal"  # else (a file system without WAL): COMMIT syncs, FULL
         if self._own_sync:
             self._conn.execute("PRAGMA synchronous=NORMAL")  # the WAL is fsynced by _sync_wal, outside the lock
         self._lock_fd = os.open(str(self._path) + ".writer-lock", os.O_RDWR | os.O_CREAT, 0o600)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
         self._jobs.put(None)
-        self._thread.join(timeout=30)
+        self._worker.join(timeout=30)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
