@@ -28,10 +28,10 @@ async def _woken(hub: ChangeHub, mailbox: int, timeout: float = 2.0) -> bool:
 def test_a_new_process_is_found_by_its_hello_not_by_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        monkeypatch.setattr(changes, "PEER_RESCAN", 3600.0)  # no periodic listing in this test
         a = ChangeHub(tmp_path)
-        a.start(loop)
-        a.notify([1])  # A lists run/ once now (nobody else there) ...
-        monkeypatch.setattr(changes, "PEER_RESCAN", 3600.0)  # ... and never again in this test
+        a.start(loop)  # A lists run/ once now (nobody else there)
+        a.notify([1])
         b = ChangeHub(tmp_path)
         b.start(loop)  # B says HELLO to A
         await asyncio.sleep(0.05)

@@ -16,10 +16,14 @@ from postroom.errors import StoreError, StoreFullError
 from postroom.store.sqlite_db import GroupCommitWriter, Touched, connect
 
 
-def _writer(path: Path) -> GroupCommitWriter:
+def _table(path: Path) -> None:
     conn = connect(path)
     conn.execute("CREATE TABLE t(k TEXT PRIMARY KEY, v INTEGER)")
     conn.close()
+
+
+def _writer(path: Path) -> GroupCommitWriter:
+    _table(path)
     return GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None)
 
 
@@ -239,7 +243,7 @@ def test_without_wal_commits_stay_synchronous_full(tmp_path: Path) -> None:
         return conn
 
     path = tmp_path / "db"
-    _writer(path)  # creates the table
+    _table(path)
     writer = GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, opener=rollback_journal)
 
     async def main() -> tuple[int, int]:

@@ -29,7 +29,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -80,7 +79,6 @@ class ChangeHub:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: other processes' socket paths -> the keys they watch (``m5``, ``a3``); None: not known yet
         self._peers: dict[str, set[str] | None] = {}
-        self._scanned = -PEER_RESCAN  # monotonic time of the last listing of run/
         self._refresher: asyncio.TimerHandle | None = None
 
     # -- watches ----------------------------------------------------------------------------------
@@ -183,8 +181,6 @@ class ChangeHub:
 
     def _broadcast(self, mbs: set[int], accts: set[int]) -> None:
         self._on_readable()  # the watches other processes registered before this announcement
-        if time.monotonic() - self._scanned >= PEER_RESCAN:
-            self._rescan()
         items = [f"m{m}" for m in sorted(mbs)] + [f"a{a}" for a in sorted(accts)]
         for peer, known in list(self._peers.items()):
             wanted = items if known is None else [i for i in items if i in known]
@@ -198,7 +194,6 @@ class ChangeHub:
     def _rescan(self) -> None:
         """List run/ for sockets of processes not known yet; introduce this one to each."""
         assert self._run_dir is not None
-        self._scanned = time.monotonic()
         own = str(self._sock_path)
         try:
             found = {str(p) for p in self._run_dir.iterdir() if p.name.endswith(".sock")} - {own}
@@ -260,8 +255,7 @@ def _pack(first: bytes, more: bytes, items: list[str]) -> list[bytes]:
 def decode(data: bytes) -> tuple[set[int], set[int]]:
     mbs: set[int] = set()
     accts: set[int] = set()
-    for item in data.decode("ascii", "replace").split(";"):
-        if len(item) < 2 or not item[1:].isdigit():
-            continue
-        (mbs if item[0] == "m" else accts if item[0] == "a" else set()).add(int(item[1:]))
+    for item in _items(data):
+        if item[1:].isdigit() and item[0] in "ma":
+            (mbs if item[0] == "m" else accts).add(int(item[1:]))
     return mbs, accts
