@@ -19,7 +19,7 @@ import pytest
 from conftest import RunningServer
 from postroom.net.server import shutdown
 from postroom.smtp import adapter
-from postroom.smtp.server import SmtpServer
+from postroom.wire.replies import Reply
 
 ALICE, ALICE_PW = "alice@example.test", "alice-pass-1"
 Factory = Callable[..., RunningServer]
@@ -67,6 +67,14 @@ def start_delivery(srv: RunningServer, monkeypatch: pytest.MonkeyPatch) -> tuple
     return gate, sock, f
 
 
+def serve_with(srv: RunningServer, monkeypatch: pytest.MonkeyPatch, session: type[adapter.SmtpSession]) -> None:
+    """New SMTP connections get ``session`` (a subclass that watches flow control): the compiled session
+    class itself cannot be patched."""
+    for listener in srv.listeners:
+        if listener.spec.service == "smtp":
+            monkeypatch.setattr(listener, "handler", session)
+
+
 def codes(f: Any, n: int) -> list[bytes]:
     return [f.readline()[:3] for _ in range(n)]
 
@@ -106,13 +114,13 @@ def test_a_flood_during_a_delivery_pauses_reading_and_loses_nothing(
 ) -> None:
     monkeypatch.setattr(adapter, "HOLD_LIMIT", 4096)
     paused: list[int] = []
-    real_pause = adapter.SmtpSession.pause_reading
 
-    def pause(self: adapter.SmtpSession) -> None:
-        paused.append(self._held_size)
-        real_pause(self)
+    class Watched(adapter.SmtpSession):
+        def pause_reading(self) -> None:
+            paused.append(self._held_size)
+            super().pause_reading()
 
-    monkeypatch.setattr(adapter.SmtpSession, "pause_reading", pause)
+    serve_with(srv, monkeypatch, Watched)
     gate, sock, f = start_delivery(srv, monkeypatch)
     noops = 2000
     sock.sendall(b"NOOP\r\n" * noops + b"QUIT\r\n")  # 12 KB, three times the hold limit
@@ -148,23 +156,20 @@ def test_shutdown_during_a_delivery_finishes_it_then_says_421(
 def test_a_client_that_does_not_read_its_replies_stops_being_read(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(adapter.SmtpSession, "HIGH_WATER", 8192)
     paused: list[bool] = []
-    real_pause = adapter.SmtpSession.pause_writing
 
-    def pause_writing(self: adapter.SmtpSession) -> None:
-        paused.append(True)
-        real_pause(self)
+    class SmallBuffers(adapter.SmtpSession):
+        def session_started(self) -> None:
+            assert self.transport is not None
+            self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            self.transport.set_write_buffer_limits(high=8192)  # instead of HIGH_WATER
+            super().session_started()
 
-    real_start = adapter.SmtpSession.session_started
+        def pause_writing(self) -> None:
+            paused.append(True)
+            super().pause_writing()
 
-    def small_send_buffer(self: adapter.SmtpSession) -> None:
-        assert self.transport is not None
-        self.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        real_start(self)
-
-    monkeypatch.setattr(adapter.SmtpSession, "pause_writing", pause_writing)
-    monkeypatch.setattr(adapter.SmtpSession, "session_started", small_send_buffer)
+    serve_with(srv, monkeypatch, SmallBuffers)
     sock, f = connect(srv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     noops = 20_000  # 120 KB of commands, 340 KB of replies, none read until all are sent
@@ -213,21 +218,20 @@ def test_a_bug_after_a_delivery_aborts_the_connection_and_is_logged(
     """An exception in the session's own code when a step has ended (here: the core, asked for its next
     event after the message's 250) must not vanish into a failed task and leave the client waiting: it is
     logged with its traceback and the connection is aborted."""
-    real_answer, real_next = SmtpServer.answer, SmtpServer.next_event
     delivered: list[bool] = []
 
-    def answer(core: SmtpServer, reply: Any, token: Any = None) -> None:
-        real_answer(core, reply, token)
-        if reply.code == 250 and reply.enhanced == "2.0.0":  # the answer to the message
-            delivered.append(True)
+    class Buggy(adapter.SmtpSession):
+        def _answer(self, reply: Reply, token: Any = None) -> None:
+            super()._answer(reply, token)
+            if reply.code == 250 and reply.enhanced == "2.0.0":  # the answer to the message
+                delivered.append(True)
 
-    def next_event(core: SmtpServer) -> Any:
-        if delivered:
-            raise RuntimeError("planted bug")
-        return real_next(core)
+        def _pump(self) -> None:
+            if delivered:
+                raise RuntimeError("planted bug")
+            super()._pump()
 
-    monkeypatch.setattr(SmtpServer, "answer", answer)
-    monkeypatch.setattr(SmtpServer, "next_event", next_event)
+    serve_with(srv, monkeypatch, Buggy)
     sock, f = connect(srv)
     with caplog.at_level(logging.ERROR, logger="postroom.smtp.adapter"):
         sock.sendall(TRANSACTION % (ALICE.encode(), b"one"))

@@ -16,36 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, cast
+from typing import cast
 
-
-class TransportOwner:
-    """What a served connection knows about its transport and peer: shared by :class:`Connection` (the
-    pull API) and :class:`postroom.net.served.ServedProtocol` (callback-driven sessions)."""
-
-    transport: asyncio.Transport | None
-    peer: tuple[str, int]
-    is_tls: bool
-    tls_info: str  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", for Received: headers
-
-    def note_tls(self, transport: asyncio.BaseTransport) -> None:
-        self.is_tls = True
-        obj: Any = transport.get_extra_info("ssl_object")
-        if obj is not None:
-            cipher = obj.cipher()
-            self.tls_info = f"{obj.version()} {cipher[0] if cipher else ''}".strip()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def is_loopback(self) -> bool:
-        return is_loopback_host(self.peer[0])
+from postroom.net.transport import TransportOwner
 
 
 class Connection(TransportOwner, asyncio.Protocol):
@@ -179,8 +152,3 @@ class Connection(TransportOwner, asyncio.Protocol):
         # (plaintext sent early is fed to the handshake and fails it). A fast client's first command may
         # already be buffered when the handshake completes; discarding it would hang the session.
         self.note_tls(new_transport)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for 127.0.0.0/8 and ::1, also written as IPv4-mapped IPv6."""
-    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")

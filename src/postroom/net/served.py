@@ -15,16 +15,22 @@ Invariants:
   connection and cancel any step task.
 - Flow control: when the transport's write buffer passes ``HIGH_WATER`` the protocol stops reading until
   it drains, so a client that pipelines commands without reading replies cannot grow our memory.
+- ``ServedProtocol`` is not a subclass of ``asyncio.Protocol``: event loops only call its methods (uvloop
+  and asyncio alike), and without that Python base mypyc compiles it, and the SMTP session built on it, as
+  native classes (``make native``; measured in ``docs/benchmarks.md``, SMTP). Interpreted subclasses are
+  allowed (other services, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
+
+from mypy_extensions import mypyc_attr
 
 from postroom.log import new_connection_id
-from postroom.net.connection import TransportOwner
+from postroom.net.transport import TransportOwner
 
 if TYPE_CHECKING:
     from postroom.net.server import Listener
@@ -32,10 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ServedProtocol(TransportOwner, asyncio.Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ServedProtocol(TransportOwner):
     """Base of a callback-driven session served by a Listener (see the module invariants)."""
 
-    HIGH_WATER = 256 * 1024  # octets buffered for writing before the session stops reading
+    HIGH_WATER: Final = 256 * 1024  # octets buffered for writing before the session stops reading
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener

@@ -144,8 +144,8 @@ class Listener:
 
     def _factory(self) -> asyncio.Protocol:
         handler = self.handler
-        if isinstance(handler, type):  # a callback-driven session class (net.served)
-            return cast(type[ServedProtocol], handler)(self)
+        if isinstance(handler, type):  # a callback-driven session class (net.served): a protocol by its methods
+            return cast(asyncio.Protocol, cast(type[ServedProtocol], handler)(self))
         return _ServedConnection(self, handler)
 
     async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:

@@ -41,7 +41,9 @@ import math
 import os
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
+
+from mypy_extensions import mypyc_attr
 
 from postroom.app import App
 from postroom.errors import StoreFullError
@@ -145,6 +147,7 @@ class _Sessions:
             self._handle = self.loop.call_later(SHUTDOWN_POLL, self._poll)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it to watch flow control
 class SmtpSession(ServedProtocol):
     """One SMTP connection (MX on ``smtp``, submission on ``submission``/``submissions``): the core, the
     transport and the decisions. See the module docstring for the invariants."""
@@ -434,7 +437,7 @@ class SmtpSession(ServedProtocol):
         try:
             transport = await self._loop.start_tls(
                 self.transport,
-                self,
+                cast(asyncio.BaseProtocol, self),  # a protocol by its methods (net.served)
                 self.app.tls,
                 server_side=True,
                 ssl_handshake_timeout=self.app.config.net.tls_handshake_timeout,
