@@ -46,7 +46,6 @@ MODULES = (
     "postroom/mime/analyze.py",
     "postroom/mime/headers.py",
     "postroom/store/sqlite_db.py",
-    "postroom/net/transport.py",
     "postroom/net/served.py",
     "postroom/smtp/adapter.py",
 )

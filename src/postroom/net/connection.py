@@ -16,9 +16,37 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import cast
+from typing import Any, cast
 
-from postroom.net.transport import TransportOwner
+
+class TransportOwner:
+    """What a served connection knows about its transport and peer: the base of :class:`Connection` (the
+    pull API). :class:`postroom.net.served.ServedProtocol` (callback-driven sessions) has the same members
+    but not this base: it is compiled, and a compiled base would slow every attribute of ``Connection``
+    (an interpreted subclass of a native class; IMAP at 32 clients, measured: ``docs/benchmarks.md``)."""
+
+    transport: asyncio.Transport | None
+    peer: tuple[str, int]
+    is_tls: bool
+    tls_info: str  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", for Received: headers
+
+    def note_tls(self, transport: asyncio.BaseTransport) -> None:
+        self.is_tls = True
+        info = tls_description(transport)
+        if info is not None:
+            self.tls_info = info
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.peer[0])
 
 
 class Connection(TransportOwner, asyncio.Protocol):
@@ -152,3 +180,18 @@ class Connection(TransportOwner, asyncio.Protocol):
         # (plaintext sent early is fed to the handshake and fails it). A fast client's first command may
         # already be buffered when the handshake completes; discarding it would hang the session.
         self.note_tls(new_transport)
+
+
+def tls_description(transport: asyncio.BaseTransport) -> str | None:
+    """The protocol version and cipher of a TLS transport (e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384", for
+    Received: headers), or None when it has no TLS object."""
+    obj: Any = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    cipher = obj.cipher()
+    return f"{obj.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8 and ::1, also written as IPv4-mapped IPv6."""
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")

@@ -18,7 +18,8 @@ Invariants:
 - ``ServedProtocol`` is not a subclass of ``asyncio.Protocol``: event loops only call its methods (uvloop
   and asyncio alike), and without that Python base mypyc compiles it, and the SMTP session built on it, as
   native classes (``make native``; measured in ``docs/benchmarks.md``, SMTP). Interpreted subclasses are
-  allowed (other services, tests).
+  allowed (other services, tests). For the same reason it does not share
+  :class:`~postroom.net.connection.TransportOwner` with the pull API but has the same members.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Final, cast
 from mypy_extensions import mypyc_attr
 
 from postroom.log import new_connection_id
-from postroom.net.transport import TransportOwner
+from postroom.net.connection import is_loopback_host, tls_description
 
 if TYPE_CHECKING:
     from postroom.net.server import Listener
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
-class ServedProtocol(TransportOwner):
+class ServedProtocol:
     """Base of a callback-driven session served by a Listener (see the module invariants)."""
 
     HIGH_WATER: Final = 256 * 1024  # octets buffered for writing before the session stops reading
@@ -111,6 +112,24 @@ class ServedProtocol(TransportOwner):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
+
+    def note_tls(self, transport: asyncio.BaseTransport) -> None:
+        self.is_tls = True
+        info = tls_description(transport)
+        if info is not None:
+            self.tls_info = info
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.peer[0])
 
     def _done_changed(self, done: asyncio.Future[None]) -> None:
         if done.cancelled():
