@@ -124,8 +124,8 @@ def start_postroom(
     others = [s for s in SERVICES if s != service]
     config = data_dir / "bench.toml"
     config.write_text(
+        # The default log level (INFO) into server.log, as Dovecot logs to its log_path.
         f'hostname = "{DOMAIN}"\ndata_dir = "{data_dir}"\ndomains = ["{DOMAIN}"]\nworkers = {workers}\n'
-        'log_level = "WARNING"\n'
         f'[listeners]\n{service} = ["127.0.0.1:{port}"]\n'
         + "".join(f"{s} = []\n" for s in others)
         +

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ from postroom.auth.service import Authenticator  # noqa: E402
 from postroom.config import Config, ListenersConfig  # noqa: E402
 from postroom.delivery.limits import DeliveryConfig  # noqa: E402
 from postroom.delivery.runner import QueueRunner  # noqa: E402
+from postroom.log import LineFormatter  # noqa: E402
 from postroom.net import eventloop  # noqa: E402
 from postroom.store.api import OutboundEnvelope, OutboundRecipient  # noqa: E402
 from postroom.store.sqlite import open_store  # noqa: E402
@@ -142,6 +144,15 @@ class Zone:
 async def run_postroom(n: int, domains: int, dns_port: int, workdir: Path) -> tuple[float, float, float]:
     """Returns (fill seconds, seconds until the sink has all, seconds until all are recorded delivered)."""
     sink = Sink()
+    # Postroom's default log level (INFO: a line per delivery) into a file, as Postfix logs to its
+    # maillog_file: both pay for their logging.
+    (workdir / "postroom").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "postroom" / "postroom.log")
+    handler.setFormatter(LineFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
         cfg = Config(
             hostname="mx.a.test",
@@ -186,6 +197,9 @@ async def run_postroom(n: int, domains: int, dns_port: int, workdir: Path) -> tu
         return fill, at_sink, recorded
     finally:
         sink.close()
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 # -- Postfix ---------------------------------------------------------------------------------------

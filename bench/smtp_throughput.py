@@ -168,7 +168,7 @@ class PostroomPeer(Peer):
         data = self.work / "data"
         cfg = self.work / "postroom.toml"
         cfg.write_text(
-            f'hostname = "mx.{DOMAIN}"\ndata_dir = "{data}"\ndomains = ["{DOMAIN}"]\nlog_level = "WARNING"\n'
+            f'hostname = "mx.{DOMAIN}"\ndata_dir = "{data}"\ndomains = ["{DOMAIN}"]\n'
             f"workers = {self.workers}\n"
             '[listeners]\nsmtp = ["127.0.0.1:0"]\nsubmission = []\nsubmissions = []\npop3 = []\npop3s = []\n'
             "imap = []\nimaps = []\nhttp = []\n"
@@ -180,11 +180,15 @@ class PostroomPeer(Peer):
                 check=True,
                 capture_output=True,
             )
+        # The default log level (INFO: a line per stored message) into a file, as Postfix logs to its
+        # maillog_file: both servers pay for their logging.
+        log = open(self.work / "postroom.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postroom", "serve", "--config", str(cfg)],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
         )
+        log.close()
         assert self.proc.stdout is not None
         ready = 0
         for raw in self.proc.stdout:
