@@ -293,3 +293,22 @@ def test_submission_adds_a_missing_date_and_message_id_mx_does_not(srv: RunningS
     assert lines[-1].startswith(b"Message-ID: <") and lines[-1].endswith(b"@mx.example.test>")
     assert kept.endswith(full) and kept.lower().count(b"message-id:") == 1 and kept.count(b"\r\nDate:") == 1
     assert relayed.endswith(b"\r\n" + bare) and b"Message-ID" not in relayed
+
+
+def test_the_standard_librarys_event_loop_serves_sessions_and_tls(server_factory: Factory) -> None:
+    """``[net] event_loop = "asyncio"``: the session is not an ``asyncio.Protocol`` subclass (so that mypyc
+    compiles it) and must still work under the standard loop, whose TLS layer wraps it (STARTTLS, 465)."""
+    s_ = server_factory(services=SERVICES, net={"event_loop": "asyncio"})
+    s_.add_user(ALICE, ALICE_PW)
+    with smtplib.SMTP(s_.host, s_.ports["submission"]) as s:
+        s.starttls(context=s_.client_tls())
+        s.login(ALICE, ALICE_PW)
+        s.sendmail(ALICE, [ALICE], b"Subject: starttls\r\n\r\none\r\n")
+    with smtplib.SMTP_SSL(s_.host, s_.ports["submissions"], context=s_.client_tls()) as s:
+        s.login(ALICE, ALICE_PW)
+        s.sendmail(ALICE, [ALICE], b"Subject: implicit\r\n\r\ntwo\r\n")
+    with smtplib.SMTP(s_.host, s_.ports["smtp"]) as s:
+        s.sendmail("sender@remote.test", [ALICE], b"Subject: mx\r\n\r\nthree\r\n")
+    raws = s_.inbox(ALICE)
+    assert [r.split(b"Subject: ")[1].split(b"\r\n")[0] for r in raws] == [b"starttls", b"implicit", b"mx"]
+    assert all(b"(using TLSv1." in r for r in raws[:2])
