@@ -156,8 +156,7 @@ class ChangeHub:
                 return
             if not isinstance(sender, str) or not sender:
                 continue  # our sockets are all bound: not one of ours
-            if sender not in self._peers:
-                self._peers[sender] = None
+            self._peers.setdefault(sender, None)
             head = data[:1]
             if data == HELLO:
                 self._send(sender, self._interest())
