@@ -69,6 +69,10 @@ class State(enum.Enum):
     TLS = "tls"  # 220 to STARTTLS queued; waiting for the handshake
     CLOSED = "closed"
 
+    # Members are singletons compared by identity, so the identity hash is consistent with equality, and it
+    # is computed in C: every command looks its state up in ALLOWED (Enum's own ``__hash__`` is Python).
+    __hash__ = object.__hash__
+
 
 _ANY = frozenset({State.GREETED, State.READY, State.MAIL, State.RCPT, State.CHUNKING})
 
