@@ -182,13 +182,12 @@ class PostroomPeer(Peer):
             )
         # The default log level (INFO: a line per stored message) into a file, as Postfix logs to its
         # maillog_file: both servers pay for their logging.
-        log = open(self.work / "postroom.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postroom", "serve", "--config", str(cfg)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-        log.close()
+        with open(self.work / "postroom.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postroom", "serve", "--config", str(cfg)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         assert self.proc.stdout is not None
         ready = 0
         for raw in self.proc.stdout:
