@@ -479,6 +479,41 @@ async def test_structure_of_an_older_version_is_analysed_again(store: Store, sto
     assert await store.search_text(mb, ["contract"]) == {1}
 
 
+async def test_append_without_analysis_is_analysed_once_at_first_read(store: Store) -> None:
+    """``append(..., analyze=False)`` (SMTP delivery) stores the bytes now and the structure at the first
+    ``structures`` call: what ``analyze`` gives, for every message asked for in one call, kept for later
+    reads; search finds the messages meanwhile (the index reads the bytes)."""
+    from postroom.mime import analyze
+
+    mb = await _inbox(store)
+    raws = [MSG.replace(b"contract", b"deferred %d" % i) for i in range(3)]
+    for raw in raws:
+        await store.append(raw, [AppendTarget(mb)], analyze=False)
+    assert await store.search_text(mb, ["deferred"]) == {1, 2, 3}
+    blobs = [m.blob_id for m in await store.messages(mb)]
+    first = await store.structures(blobs)
+    assert [first[b] for b in blobs] == [analyze(raw) for raw in raws]
+    assert await store.structures(blobs) == first
+
+
+async def test_sqlite_deferred_analysis_of_a_vanished_message(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite only: a pending message whose bytes are gone by the time it is analysed (expunged by another
+    session in between) gets an empty message's structure, not an error for the whole FETCH."""
+    from postroom.store.sqlite import SqliteStore
+
+    assert isinstance(store, SqliteStore)
+    mb = await _inbox(store)
+    await store.append(MSG, [AppendTarget(mb)], analyze=False)
+    blob = (await store.messages(mb))[0].blob_id
+
+    async def gone(blob_id: int) -> bytes:
+        raise NotFoundError(f"no message {blob_id}")
+
+    monkeypatch.setattr(store, "read", gone)
+    st = (await store.structures([blob]))[blob]
+    assert st["header_size"] == 0 and st["body"]["b"] == 0 and st["env"] == [None] * 10
+
+
 async def test_sqlite_reanalysis_that_fails_still_serves_fetch(
     store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -243,12 +243,23 @@ def test_a_bug_after_a_delivery_aborts_the_connection_and_is_logged(
     )
 
 
+async def _only_structure(srv: RunningServer, address: str) -> dict[str, Any]:
+    """The stored structure of the one message in ``address``'s INBOX (analysed now if still pending)."""
+    acct = await srv.store.get_account(address)
+    assert acct is not None
+    mb = await srv.store.get_mailbox(acct.id, "INBOX")
+    assert mb is not None
+    (msg,) = await srv.store.messages(mb.id)
+    return (await srv.store.structures([msg.blob_id]))[msg.blob_id]
+
+
 def test_a_message_the_analyser_fails_on_is_still_delivered(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A bug in the parse-once analysis (planted) must not refuse mail: the message gets 250 and is stored
-    with the minimal structure, and the failure is logged (an MX answering 451 would see every retry of the
-    sender fail the same way, and the mail would never arrive)."""
+    (SMTP defers the analysis to the first read), and that first read gets the minimal structure, with the
+    failure logged (an MX answering 451 would see every retry of the sender fail the same way, and the
+    mail would never arrive)."""
     from postroom.store import sqlite_append
 
     def broken(raw: bytes) -> Any:
@@ -256,22 +267,49 @@ def test_a_message_the_analyser_fails_on_is_still_delivered(
 
     monkeypatch.setattr(sqlite_append, "analyze", broken)
     sock, f = connect(srv)
-    with caplog.at_level(logging.ERROR, logger="postroom.store.sqlite_append"):
-        sock.sendall(TRANSACTION % (ALICE.encode(), b"odd") + b"QUIT\r\n")
-        assert codes(f, 5) == [b"250", b"250", b"354", b"250", b"221"]
+    sock.sendall(TRANSACTION % (ALICE.encode(), b"odd") + b"QUIT\r\n")
+    assert codes(f, 5) == [b"250", b"250", b"354", b"250", b"221"]
     sock.close()
     (raw,) = srv.inbox(ALICE)
     assert raw.endswith(b"Subject: odd\r\n\r\nbody\r\n")
+
+    with caplog.at_level(logging.ERROR, logger="postroom.store.sqlite_append"):
+        st = srv.call(_only_structure(srv, ALICE))
     assert "planted analyser bug" in caplog.text
-
-    async def structure() -> dict[str, Any]:
-        acct = await srv.store.get_account(ALICE)
-        assert acct is not None
-        mb = await srv.store.get_mailbox(acct.id, "INBOX")
-        assert mb is not None
-        (msg,) = await srv.store.messages(mb.id)
-        return (await srv.store.structures([msg.blob_id]))[msg.blob_id]
-
-    st = srv.call(structure())
     assert st["fields"] == [] and st["env"] == [None] * 10
     assert raw[st["body"]["o"] + st["body"]["h"] :] == b"body\r\n"
+
+
+def test_delivery_defers_the_analysis_to_the_first_read(srv: RunningServer) -> None:
+    """The final dot waits for the disk, not for the MIME analysis: the stored row holds the pending
+    structure until the first ``structures`` call, which analyses the message, keeps the result and
+    returns what ``analyze`` gives for the stored bytes."""
+    import sqlite3
+
+    from postroom.mime import STRUCTURE_VERSION, analyze
+    from postroom.store.sqlite import SqliteStore
+    from postroom.store.sqlite_append import PENDING_STRUCTURE
+
+    sock, f = connect(srv)
+    sock.sendall(TRANSACTION % (ALICE.encode(), b"later") + b"QUIT\r\n")
+    assert codes(f, 5) == [b"250", b"250", b"354", b"250", b"221"]
+    sock.close()
+    (raw,) = srv.inbox(ALICE)
+    store = srv.store
+    assert isinstance(store, SqliteStore)
+    db = store.blob_dir.parent / "meta.db"
+
+    def stored() -> str:
+        conn = sqlite3.connect(db)
+        try:
+            (text,) = conn.execute("SELECT structure FROM blobs ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        return str(text)
+
+    assert stored() == PENDING_STRUCTURE
+
+    st = srv.call(_only_structure(srv, ALICE))
+    assert st == analyze(raw) and st["v"] == STRUCTURE_VERSION
+    assert "later" in str(st["env"])
+    assert stored() != PENDING_STRUCTURE and srv.call(_only_structure(srv, ALICE)) == st

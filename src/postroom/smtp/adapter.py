@@ -515,11 +515,12 @@ class SmtpSession(ServedProtocol):
                 eight_bit=mail.body == "8BITMIME" or not event.data.isascii(),
             )
         # One stored copy, one commit, for the local mailboxes and the queue alike (atomic: a failure
-        # leaves nothing half-delivered for the client's retry to duplicate).
+        # leaves nothing half-delivered for the client's retry to duplicate). The message is analysed at its
+        # first FETCH, not before the 250: the final dot waits for the disk only.
         data = complete_submission(event.data, self.app.hostname) if self.submission else event.data
         raw = (trace.return_path(mail.sender) if mailboxes else b"") + received + data
         try:
-            await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes], outbound)
+            await self.app.store.append(raw, [AppendTarget(m) for m in mailboxes], outbound, analyze=False)
         except StoreFullError:
             self._log(logging.ERROR, "store full, message %s refused", queue_id)
             return replies.STORAGE_FULL

@@ -11,8 +11,9 @@ Invariants every backend keeps:
 - **UIDs** grow strictly within a mailbox and are never reused while ``uidvalidity`` stays the same, also
   across restarts. **MODSEQ** grows strictly per mailbox; every flag change, append and expunge gets a new
   one (RFC 7162), and expunges leave a tombstone so ``changes_since`` can report them (QRESYNC VANISHED).
-- **Parse once.** ``append`` stores the structure computed by :func:`postroom.mime.analyze`; readers get it
-  with ``structures`` and never re-parse.
+- **Parse once.** Every message is analysed by :func:`postroom.mime.analyze` once, and its structure kept:
+  by ``append``, or, for an ``append(..., analyze=False)`` (SMTP delivery), by the first ``structures`` call
+  that asks for it. Readers get it with ``structures`` and never parse again.
 - **Change feed.** After a commit, every :class:`Watch` on a changed mailbox or account is woken, in this
   process and in every other process that opened the same store. A woken watcher asks ``changes_since``.
 - All methods are coroutines and never block the event loop.
@@ -251,11 +252,14 @@ class Store(abc.ABC):
         raw: bytes,
         targets: Sequence[AppendTarget],
         outbound: OutboundEnvelope | None = None,
+        analyze: bool = True,
     ) -> list[tuple[int, int]]:
         """Store ``raw`` once and add it to every target mailbox; queue it for ``outbound``.
 
         Returns ``(mailbox_id, uid)`` per target, in order. Durable on return; concurrent calls share one
-        commit. Raises StoreFullError when the disk is full.
+        commit. Raises StoreFullError when the disk is full. With ``analyze=False`` the message's structure
+        is computed at its first ``structures`` call instead of now (for callers that must answer fast,
+        like SMTP's final dot; most messages delivered are read later, or never, as a relayed one).
         """
 
     @abc.abstractmethod

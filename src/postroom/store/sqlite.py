@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import orjson
 
 from postroom.errors import NotFoundError, StoreError
-from postroom.mime import STRUCTURE_VERSION
+from postroom.mime import STRUCTURE_VERSION, minimal_structure
 from postroom.store import sqlite_db as db
 from postroom.store.api import (
     Changes,
@@ -43,7 +43,14 @@ from postroom.store.api import (
 )
 from postroom.store.changes import ChangeHub
 from postroom.store.sqlite_accounts import AccountsMixin
-from postroom.store.sqlite_append import INLINE_MAX, AppendMixin, flag_text, structure_of
+from postroom.store.sqlite_append import (
+    INLINE_MAX,
+    LOOP_ANALYZE_MAX,
+    PENDING_VERSION,
+    AppendMixin,
+    flag_text,
+    structure_of,
+)
 from postroom.store.sqlite_mailboxes import MailboxesMixin
 from postroom.store.sqlite_queue import QueueMixin
 from postroom.store.sqlite_search import SearchMixin
@@ -254,24 +261,45 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
             return out
 
         result: dict[int, dict[str, Any]] = await self._read(q, on_loop=len(ids) <= LOOP_STRUCTURES)
-        stale = [b for b, st in result.items() if st.get("v", 0) < STRUCTURE_VERSION]
-        for blob_id in stale:  # written by an older Postroom: analyse again, once, and keep the result
-            result[blob_id] = await self._reanalyze(blob_id)
+        stale = {b: st.get("v", 0) for b, st in result.items() if st.get("v", 0) < STRUCTURE_VERSION}
+        if stale:  # deferred by append, or written by an older Postroom: analyse now, once, and keep it
+            result.update(await self._analyse(stale))
         return result
 
-    async def _reanalyze(self, blob_id: int) -> dict[str, Any]:
-        raw = await self.read(blob_id)
-        st = structure_of(raw)
-        text = orjson.dumps(st).decode()
-        heads, body = self._text_of(blob_id, raw)
+    async def _analyse(self, versions: dict[int, int]) -> dict[int, dict[str, Any]]:
+        """Analyse the messages whose stored structure is pending or an older analyser's (blob id → stored
+        version), keep the results in one commit and return them. An older analyser's row was indexed with
+        that analyser's search text, so it is indexed again; a pending row's text is the current code's (the
+        indexer derives it from the bytes), so only its structure is written. A message deleted meanwhile
+        gets the structure of an empty message, which is not stored."""
+        done: dict[int, dict[str, Any]] = {}
+        rows: list[tuple[str, int]] = []
+        reindex: list[tuple[int, str, str]] = []
+        for blob_id, version in versions.items():
+            try:
+                raw = await self.read(blob_id)
+            except NotFoundError:
+                done[blob_id] = minimal_structure(b"")
+                continue
+            if len(raw) <= LOOP_ANALYZE_MAX:
+                st = structure_of(raw)
+            else:
+                st = await asyncio.to_thread(structure_of, raw)
+            done[blob_id] = st
+            rows.append((orjson.dumps(st).decode(), blob_id))
+            if version != PENDING_VERSION:
+                heads, body = self._text_of(blob_id, raw)
+                reindex.append((blob_id, heads, body))
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
-            c.execute("UPDATE blobs SET structure=? WHERE id=?", (text, blob_id))
-            if self._unindex(c, blob_id):  # indexed with an older analyser's text: index it again
-                self._index_tx(c, blob_id, heads, body)
+            c.executemany("UPDATE blobs SET structure=? WHERE id=?", rows)
+            for blob_id, heads, body in reindex:
+                if self._unindex(c, blob_id):  # indexed with an older analyser's text: index it again
+                    self._index_tx(c, blob_id, heads, body)
 
-        await self._write(tx)
-        return st
+        if rows:
+            await self._write(tx)
+        return done
 
     async def set_flags(
         self,

@@ -7,13 +7,17 @@ Invariants:
   commit makes data and metadata durable together (measured: see ``bench/store_append.py``). Larger ones
   are written to a file, fsynced, renamed and their directory fsynced *before* their row is committed; a
   crash in between leaves at worst an orphan file, never a row without bytes.
-- The message is analysed (``mime.analyze``: what FETCH needs) before its job runs; if analysis raises (a
-  bug), it is stored with ``mime.minimal_structure`` and the error logged, never refused (:func:`structure_of`). Up to
-  ``LOOP_ANALYZE_MAX`` octets that happens at once on the event loop (~20 µs for 5 KB): the loop and the
-  writer thread share one GIL, so analysing on the writer gained no parallelism and cost a GIL hand-off
-  per message (SMTP, one worker, A/B interleaved: 1,785-1,813 → 2,023-2,118 msg/s, the writer thread's
-  CPU 180 → 100 µs per message, the loop's unchanged). Larger messages are analysed by the job's
-  ``prepare`` on the writer thread, before the write lock is taken, so the loop never stalls on one.
+- The message is analysed (``mime.analyze``: what FETCH needs) before its job runs, unless the caller
+  defers that (``analyze=False``: SMTP delivery). A deferred message's row holds :data:`PENDING_STRUCTURE`,
+  whose version is below every real one, so the first ``structures`` call that asks for it analyses it and
+  keeps the result, as for a row of an older analyser (measured: ``docs/benchmarks.md``, SMTP).
+- If analysis raises (a bug), the message is stored with ``mime.minimal_structure`` and the error logged,
+  never refused (:func:`structure_of`). Up to ``LOOP_ANALYZE_MAX`` octets analysis happens at once on the
+  event loop (~20 µs for 5 KB): the loop and the writer thread share one GIL, so analysing on the writer
+  gained no parallelism and cost a GIL hand-off per message (SMTP, one worker, A/B interleaved:
+  1,785-1,813 → 2,023-2,118 msg/s, the writer thread's CPU 180 → 100 µs per message, the loop's
+  unchanged). Larger messages are analysed by the job's ``prepare`` on the writer thread, before the write
+  lock is taken, so the loop never stalls on one.
 - Appends are bulk jobs of the group-commit writer (:mod:`postroom.store.sqlite_db`): the appends of one
   batch take one multi-row ``INSERT`` per table. Their blob ids are taken from ``sqlite_sequence`` inside the
   write transaction, which ``BEGIN IMMEDIATE`` makes the only writer, so ids still only grow and are never
@@ -57,6 +61,11 @@ def structure_of(raw: bytes) -> dict[str, Any]:
     except Exception:
         log.exception("message of %d octets not analysed: stored with a minimal structure", len(raw))
         return minimal_structure(raw)
+
+
+#: The stored structure of a message appended with ``analyze=False``: not analysed yet (version -1).
+PENDING_STRUCTURE = '{"v":-1}'
+PENDING_VERSION = -1
 
 
 def flag_text(flags: Iterable[str]) -> str:
@@ -113,6 +122,7 @@ class AppendMixin:
         raw: bytes,
         targets: Sequence[AppendTarget],
         outbound: OutboundEnvelope | None = None,
+        analyze: bool = True,
     ) -> list[tuple[int, int]]:
         if not targets and (outbound is None or not outbound.recipients):
             return []
@@ -129,7 +139,10 @@ class AppendMixin:
             return result
 
         prepare: Callable[[], None] | None = job.prepare
-        if len(raw) <= LOOP_ANALYZE_MAX:
+        if not analyze:
+            job.structure = PENDING_STRUCTURE
+            prepare = None
+        elif len(raw) <= LOOP_ANALYZE_MAX:
             job.prepare()  # here, on the event loop: see the module invariants
             prepare = None
         try:
