@@ -30,7 +30,9 @@ def srv(server_factory: Callable[..., RunningServer]) -> RunningServer:
     return s
 
 
-def deliver(srv: RunningServer, raw: bytes) -> None:
+def deliver(srv: RunningServer, raw: bytes, analyze: bool = True) -> None:
+    """Append ``raw`` to the INBOX; ``analyze=False`` as SMTP delivery does (analysed at the first read)."""
+
     async def go() -> None:
         from postroom.store.api import AppendTarget
 
@@ -38,7 +40,7 @@ def deliver(srv: RunningServer, raw: bytes) -> None:
         assert acct is not None
         mb = await srv.store.get_mailbox(acct.id, "INBOX")
         assert mb is not None
-        await srv.store.append(raw, [AppendTarget(mb.id)])
+        await srv.store.append(raw, [AppendTarget(mb.id)], analyze=analyze)
 
     srv.call(go())
 
@@ -52,10 +54,11 @@ def imap(srv: RunningServer) -> Iterator[imaplib.IMAP4]:
         c.logout()
 
 
-def test_login_select_fetch_store_search(srv: RunningServer, imap: imaplib.IMAP4) -> None:
+@pytest.mark.parametrize("analyze", [True, False], ids=["analysed", "deferred"])
+def test_login_select_fetch_store_search(srv: RunningServer, imap: imaplib.IMAP4, analyze: bool) -> None:
     data: Any
     for n in range(1, 4):
-        deliver(srv, message(n))
+        deliver(srv, message(n), analyze)
     typ, data = imap.select("INBOX")
     assert typ == "OK" and data == [b"3"]
     typ, data = imap.fetch("1:*", "(FLAGS UID RFC822.SIZE)")
@@ -80,8 +83,9 @@ def test_login_select_fetch_store_search(srv: RunningServer, imap: imaplib.IMAP4
     assert imap.search(None, "UNSEEN")[1] == [b"1"]
 
 
-def test_envelope_and_bodystructure(srv: RunningServer, imap: imaplib.IMAP4) -> None:
-    deliver(srv, message(1))
+@pytest.mark.parametrize("analyze", [True, False], ids=["analysed", "deferred"])
+def test_envelope_and_bodystructure(srv: RunningServer, imap: imaplib.IMAP4, analyze: bool) -> None:
+    deliver(srv, message(1), analyze)
     imap.select("INBOX", readonly=True)
     data: Any
     typ, data = imap.fetch("1", "(ENVELOPE BODYSTRUCTURE)")
