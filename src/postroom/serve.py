@@ -5,10 +5,15 @@ Invariants:
   the first process, before any worker is forked, as one :class:`PostroomError` line.
 - Handlers come from the explicit :data:`HANDLERS` table, imported lazily; a service whose adapter module
   is missing is skipped with a warning, never a crash.
-- ``workers = N > 1``: the parent binds each address once without SO_REUSEPORT (so a port held by any other
-  program fails loudly), then reserves it with a bound, non-listening SO_REUSEPORT socket and forks N
-  workers that each listen on that port with SO_REUSEPORT; the kernel spreads connections among them. The
-  parent only supervises: it forwards SIGTERM/SIGINT/SIGHUP and restarts a worker that died.
+- ``workers = N > 1``: the parent binds each address once (without SO_REUSEPORT, so a port held by any
+  other program fails loudly) and forks N workers that all accept from that one socket: one accept queue,
+  and a connection goes to whichever worker takes it first, i.e. one that is free. SO_REUSEPORT (a queue
+  per worker, connections hashed among them) left new connections waiting behind a busy worker while the
+  other one slept (SMTP, 20 sessions, two workers: 11 of 13 interleaved pairs faster, +7 % at the medians;
+  level at 50; ``docs/benchmarks.md``), and lost the queued connections of a worker that died. The
+  parent keeps the sockets for the workers it restarts (connections wait in the queue meanwhile) and
+  closes them when it stops; otherwise it only supervises: it forwards SIGTERM/SIGINT/SIGHUP and restarts a
+  worker that died.
 - Each worker opens its own store connection (never shared across fork) on the one data directory.
 - SIGTERM: stop accepting, drain sessions for ``[net] shutdown_grace`` seconds, cancel the rest, exit 0.
   SIGHUP: reload the TLS certificate (the old one stays if the new one does not load) and the store domains.
@@ -184,9 +189,8 @@ def _reload_tls(app: App, certs: tls.CertFiles) -> None:
     log.info("TLS certificate reloaded from %s (SHA256 %s)", certs.cert, fp)
 
 
-async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket] | None) -> int:
-    """Serve until SIGTERM/SIGINT. ``sockets`` are bound ones (one per spec), or None to bind with
-    SO_REUSEPORT here (a forked worker)."""
+async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket]) -> int:
+    """Serve until SIGTERM/SIGINT on ``sockets``: bound ones, one per spec, shared by every worker."""
     cfg = plan.cfg
     loop = asyncio.get_running_loop()
     store = await open_configured_store(cfg)
@@ -199,10 +203,7 @@ async def run_worker(plan: _Plan, index: int, sockets: list[socket.socket] | Non
         await refresh_domains(app, cfg)
         for i, spec in enumerate(plan.specs):
             listener = Listener(spec, app, plan.handlers[spec.service])
-            if sockets is not None:
-                await listener.start(sock=sockets[i])
-            else:
-                await listener.start(reuse_port=True)
+            await listener.start(sock=sockets[i])
             listeners.append(listener)
         if index == 0:
             runner = await _start_runner(app)
@@ -275,19 +276,15 @@ async def _start_runner(app: App) -> Any:
 
 
 # -- the first process ------------------------------------------------------------------------------
-def _bind_all(specs: list[ListenerSpec], reuse_port: bool) -> tuple[list[ListenerSpec], list[socket.socket]]:
+def _bind_all(specs: list[ListenerSpec]) -> tuple[list[ListenerSpec], list[socket.socket]]:
     """Bind every address (see module invariants). Returns the specs with real ports and the sockets."""
     resolved: list[ListenerSpec] = []
     socks: list[socket.socket] = []
     try:
         for spec in specs:
-            probe = bind_socket(spec.service, spec.host, spec.port, reuse_port=False)
-            if reuse_port:
-                port = int(probe.getsockname()[1])
-                probe.close()
-                probe = bind_socket(spec.service, spec.host, port, reuse_port=True)
-            socks.append(probe)
-            resolved.append(dataclasses.replace(spec, port=int(probe.getsockname()[1])))
+            sock = bind_socket(spec.service, spec.host, spec.port)
+            socks.append(sock)
+            resolved.append(dataclasses.replace(spec, port=int(sock.getsockname()[1])))
     except BaseException:
         for s in socks:
             s.close()
@@ -349,7 +346,7 @@ def serve(cfg: Config) -> int:
     if not specs:
         raise ConfigError(f"{cfg.source}: no listener to start (every service is off or unavailable)")
     workers = cfg.worker_count
-    specs, socks = _bind_all(specs, reuse_port=workers > 1)
+    specs, socks = _bind_all(specs)
     plan = _Plan(cfg, specs, handlers, certs, tls_ctx, workers)
     try:
         if workers == 1:
@@ -373,9 +370,9 @@ class _Supervisor:
 
     SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
-    def __init__(self, plan: _Plan, reserved: list[socket.socket]) -> None:
+    def __init__(self, plan: _Plan, sockets: list[socket.socket]) -> None:
         self.plan = plan
-        self.reserved = reserved
+        self.sockets = sockets  # the listening sockets every worker accepts from; closed when stopping
         self.children: dict[int, tuple[int, float]] = {}  # pid → (worker index, start time)
         self.quick_crashes: dict[int, int] = {}
         self.restarts: list[tuple[float, int]] = []  # (when, index)
@@ -403,6 +400,7 @@ class _Supervisor:
                         deadline = time.monotonic() + self.plan.cfg.net.shutdown_grace + KILL_MARGIN
                         log.info("stopping %d workers", len(self.children))
                     self._signal_all(signal.SIGTERM)
+                    self._stop_listening()
                 elif info.si_signo == signal.SIGHUP:
                     log.info("reload: forwarding SIGHUP to %d workers", len(self.children))
                     self._signal_all(signal.SIGHUP)
@@ -412,7 +410,14 @@ class _Supervisor:
                     self._restart_due(old_mask)
             return 1 if self.failed else 0
         finally:
+            self._stop_listening()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _stop_listening(self) -> None:
+        """Close the parent's copy of the listening sockets: once the workers have closed theirs (the first
+        thing they do on SIGTERM), new connections are refused instead of waiting in a queue no one reads."""
+        for sock in self.sockets:
+            sock.close()
 
     def _spawn(self, index: int, old_mask: set[int | signal.Signals]) -> None:
         pid = os.fork()
@@ -421,9 +426,7 @@ class _Supervisor:
             try:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                for s in self.reserved:
-                    s.close()
-                code = eventloop.run(run_worker(self.plan, index, None), self.plan.cfg.net.event_loop)
+                code = eventloop.run(run_worker(self.plan, index, self.sockets), self.plan.cfg.net.event_loop)
             except PostroomError as exc:
                 print(f"postroom: error: worker {index + 1}: {exc}", file=sys.stderr, flush=True)
             except KeyboardInterrupt:
@@ -465,6 +468,7 @@ class _Supervisor:
                 self.failed = self.stopping = True
                 self.restarts.clear()
                 self._signal_all(signal.SIGTERM)
+                self._stop_listening()
                 return
             delay = min(RESTART_DELAY_MAX, 0.1 * 2**quick) if quick else 0.0
             log.error("worker %d (pid %d) exited with %s; restarting in %.1f s", index + 1, pid, code, delay)

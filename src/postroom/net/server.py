@@ -86,12 +86,9 @@ def _describe(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_socket(service: str, host: str, port: int, *, reuse_port: bool) -> socket.socket:
+def bind_socket(service: str, host: str, port: int) -> socket.socket:
     """A bound, not yet listening TCP socket for ``host:port``; ListenError (one clear line) on failure.
-
-    ``reuse_port`` sets SO_REUSEPORT so several worker processes can each listen on the same port and the
-    kernel spreads connections among them.
-    """
+    Several worker processes share it (``postroom serve``): they all accept from its one queue."""
     where = _describe(host, port)
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -101,8 +98,6 @@ def bind_socket(service: str, host: str, port: int, *, reuse_port: bool) -> sock
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr)
@@ -148,14 +143,14 @@ class Listener:
             return cast(asyncio.Protocol, cast(type[ServedProtocol], handler)(self))
         return _ServedConnection(self, handler)
 
-    async def start(self, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+    async def start(self, *, sock: socket.socket | None = None) -> None:
         """Listen on ``spec.host:spec.port`` (or on ``sock``, already bound). Raises ListenError."""
         loop = asyncio.get_running_loop()
         ssl_ctx = self.app.tls if self.spec.tls == "implicit" else None
         if ssl_ctx is not None:
             tls_mod.follow(ssl_ctx, lambda: self.app.tls)
         if sock is None:
-            sock = bind_socket(self.spec.service, self.spec.host, self.spec.port, reuse_port=reuse_port)
+            sock = bind_socket(self.spec.service, self.spec.host, self.spec.port)
         try:
             self.server = await loop.create_server(
                 self._factory,
