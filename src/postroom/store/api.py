@@ -258,8 +258,8 @@ class Store(abc.ABC):
 
         Returns ``(mailbox_id, uid)`` per target, in order. Durable on return; concurrent calls share one
         commit. Raises StoreFullError when the disk is full. With ``analyze=False`` the message's structure
-        is computed at its first ``structures`` call instead of now (for callers that must answer fast,
-        like SMTP's final dot; most messages delivered are read later, or never, as a relayed one).
+        is computed at its first ``structures`` call instead of now: for callers that must answer fast, like
+        SMTP's final dot (a message that is only relayed is then never analysed).
         """
 
     @abc.abstractmethod
