@@ -319,6 +319,55 @@ def test_two_workers_share_the_port_and_a_dead_one_is_restarted(tmp_path: Path, 
     assert not [pid for pid in workers[1:] if Path(f"/proc/{pid}").exists() and _is_running(pid)]
 
 
+def test_new_connections_are_refused_while_two_workers_drain(tmp_path: Path, servers: list[Server]) -> None:
+    """The workers share the parent's listening socket: on SIGTERM the parent closes its copy and each
+    worker its own, so a client connecting while a session drains is refused at once instead of waiting
+    in a queue that nobody reads any more."""
+    services = available(("smtp",))
+    conf = write_config(tmp_path, services, workers=2)
+    assert (
+        run_cli(
+            "user", "add", "bob@example.test", "--password-stdin", "--config", str(conf), cwd=tmp_path, stdin="pw\n"
+        )[0]
+        == 0
+    )
+    srv = Server(conf, tmp_path)
+    servers.append(srv)
+    srv.expect(r"^worker [12]/2 ready")
+    srv.expect(r"^worker [12]/2 ready")
+    port = srv.ports()["smtp"][0]
+    busy = socket.create_connection(("127.0.0.1", port), timeout=WAIT)  # mid-DATA: keeps its worker draining
+    f = busy.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    for line, code in (
+        (b"EHLO c.test", b"250 "),
+        (b"MAIL FROM:<a@c.test>", b"250"),
+        (b"RCPT TO:<bob@example.test>", b"250"),
+        (b"DATA", b"354"),
+    ):
+        busy.sendall(line + b"\r\n")
+        reply = f.readline()
+        while reply[3:4] == b"-":
+            reply = f.readline()
+        assert reply.startswith(code), (line, reply)
+    busy.sendall(b"Subject: slow\r\n\r\nhalf a message")
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.expect(r"stopping 2 workers")
+    refused = False
+    deadline = time.monotonic() + GRACE / 2
+    while time.monotonic() < deadline and not refused:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=GRACE / 4).close()
+        except ConnectionRefusedError:
+            refused = True
+        else:
+            time.sleep(0.02)
+    assert refused and srv.proc.poll() is None  # refused while the other session still drains
+    assert srv.proc.wait(timeout=GRACE + WAIT) == 0
+    f.close()
+    busy.close()
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
