@@ -13,7 +13,7 @@ Invariants:
   level at 50; ``docs/benchmarks.md``), and lost the queued connections of a worker that died. The
   parent keeps the sockets for the workers it restarts (connections wait in the queue meanwhile) and
   closes them when it stops; otherwise it only supervises: it forwards SIGTERM/SIGINT/SIGHUP and restarts a
-  worker that died.
+  worker that died. A worker gets SIGTERM from the kernel when the parent dies (:func:`_die_with_parent`).
 - Each worker opens its own store connection (never shared across fork) on the one data directory.
 - SIGTERM: stop accepting, drain sessions for ``[net] shutdown_grace`` seconds, cancel the rest, exit 0.
   SIGHUP: reload the TLS certificate (the old one stays if the new one does not load) and the store domains.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import importlib.machinery
@@ -365,6 +366,22 @@ async def _check_store(cfg: Config) -> None:
     await store.close()
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux: the signal a process gets when the thread that forked it dies
+
+
+def _die_with_parent(parent: int) -> bool:
+    """In a worker just forked: have the kernel send it SIGTERM (a graceful stop) when the supervisor dies,
+    even by SIGKILL, so no worker outlives it, still accepting from the shared sockets and holding the ports
+    a restarted server needs. False when the supervisor died before the call. Where ``prctl`` is missing
+    (not Linux) the worker only loses this guard."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return True
+    return os.getppid() == parent
+
+
 class _Supervisor:
     """The parent of ``workers`` forked processes (see module invariants)."""
 
@@ -420,12 +437,16 @@ class _Supervisor:
             sock.close()
 
     def _spawn(self, index: int, old_mask: set[int | signal.Signals]) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                if not _die_with_parent(parent):
+                    code = 0  # the supervisor is gone already: serve nothing
+                    return
                 code = eventloop.run(run_worker(self.plan, index, self.sockets), self.plan.cfg.net.event_loop)
             except PostroomError as exc:
                 print(f"postroom: error: worker {index + 1}: {exc}", file=sys.stderr, flush=True)

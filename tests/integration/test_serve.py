@@ -368,6 +368,28 @@ def test_new_connections_are_refused_while_two_workers_drain(tmp_path: Path, ser
     busy.close()
 
 
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, servers: list[Server]) -> None:
+    """A supervisor killed with SIGKILL (it cannot forward anything) leaves no worker behind: the kernel
+    sends each worker SIGTERM (``PR_SET_PDEATHSIG``), so none keeps accepting from the shared sockets or
+    holds the port against the next start."""
+    services = available(("smtp",))
+    srv = Server(write_config(tmp_path, services, workers=2), tmp_path)
+    servers.append(srv)
+    srv.expect(r"^worker [12]/2 ready")
+    srv.expect(r"^worker [12]/2 ready")
+    port = srv.ports()["smtp"][0]
+    workers = _children(srv.proc.pid)
+    assert len(workers) == 2
+    srv.proc.kill()
+    srv.proc.wait(timeout=WAIT)
+    deadline = time.monotonic() + GRACE + WAIT
+    while any(_is_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in workers if _is_running(pid)]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
