@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -496,21 +497,36 @@ async def test_append_without_analysis_is_analysed_once_at_first_read(store: Sto
     assert await store.structures(blobs) == first
 
 
-async def test_sqlite_deferred_analysis_of_a_vanished_message(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sqlite_deferred_analysis_of_a_vanished_message(
+    store: Store, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SQLite only: a pending message whose bytes are gone by the time it is analysed (expunged by another
     session in between) gets an empty message's structure, not an error for the whole FETCH."""
+    import sqlite3
+
     from postroom.store.sqlite import SqliteStore
 
     assert isinstance(store, SqliteStore)
     mb = await _inbox(store)
     await store.append(MSG, [AppendTarget(mb)], analyze=False)
     blob = (await store.messages(mb))[0].blob_id
+    real_read = store._read
+    reads = 0
 
-    async def gone(blob_id: int) -> bytes:
-        raise NotFoundError(f"no message {blob_id}")
+    async def racing(fn: Any, on_loop: bool = False) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # after the pending structure was read, before the bytes are: another session deletes
+            conn = sqlite3.connect(Path(store_url.removeprefix("sqlite:///")) / "meta.db")
+            with conn:
+                conn.execute("DELETE FROM messages WHERE blob_id=?", (blob,))
+                conn.execute("DELETE FROM blobs WHERE id=?", (blob,))
+            conn.close()
+        return await real_read(fn, on_loop)
 
-    monkeypatch.setattr(store, "read", gone)
+    monkeypatch.setattr(store, "_read", racing)
     st = (await store.structures([blob]))[blob]
+    assert reads == 2
     assert st["header_size"] == 0 and st["body"]["b"] == 0 and st["env"] == [None] * 10
 
 

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +45,6 @@ from postroom.store.changes import ChangeHub
 from postroom.store.sqlite_accounts import AccountsMixin
 from postroom.store.sqlite_append import (
     INLINE_MAX,
-    LOOP_ANALYZE_MAX,
     PENDING_VERSION,
     AppendMixin,
     flag_text,
@@ -59,6 +58,17 @@ READER_THREADS = 4
 LOOP_READ_MAX = 256 * 1024  # octets of a table-stored message read on the event loop; larger: a reader thread
 LOOP_STRUCTURES = 32  # structures looked up on the event loop in one call; more: a reader thread
 T = TypeVar("T")
+
+IN_CHUNK = 500  # ids per ``IN (…)`` list: far below SQLite's 32,766 host parameters
+
+
+def _blob_rows(c: sqlite3.Connection, columns: str, ids: list[int]) -> Iterator[tuple[Any, ...]]:
+    """``(id, *columns)`` of each blob in ``ids`` that exists, ``IN_CHUNK`` ids per query."""
+    for i in range(0, len(ids), IN_CHUNK):
+        chunk = ids[i : i + IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        yield from c.execute(f"SELECT id, {columns} FROM blobs WHERE id IN ({marks})", chunk)
+
 
 FLAG_SETS_KEPT = 4096  # distinct flag texts interned per process (a mailbox has a handful)
 _flag_sets: dict[str, frozenset[str]] = {}
@@ -252,44 +262,38 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         ids = list(dict.fromkeys(blob_ids))
 
         def q(c: sqlite3.Connection) -> dict[int, dict[str, Any]]:
-            out: dict[int, dict[str, Any]] = {}
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                for blob_id, text in c.execute(f"SELECT id, structure FROM blobs WHERE id IN ({marks})", chunk):
-                    out[blob_id] = orjson.loads(text)
-            return out
+            return {blob_id: orjson.loads(text) for blob_id, text in _blob_rows(c, "structure", ids)}
 
         result: dict[int, dict[str, Any]] = await self._read(q, on_loop=len(ids) <= LOOP_STRUCTURES)
-        stale = {b: st.get("v", 0) for b, st in result.items() if st.get("v", 0) < STRUCTURE_VERSION}
+        stale = {b: v for b, st in result.items() if (v := st.get("v", 0)) < STRUCTURE_VERSION}
         if stale:  # deferred by append, or written by an older Postroom: analyse now, once, and keep it
             result.update(await self._analyse(stale))
         return result
 
     async def _analyse(self, versions: dict[int, int]) -> dict[int, dict[str, Any]]:
         """Analyse the messages whose stored structure is pending or an older analyser's (blob id → stored
-        version), keep the results in one commit and return them. An older analyser's row was indexed with
-        that analyser's search text, so it is indexed again; a pending row's text is the current code's (the
-        indexer derives it from the bytes), so only its structure is written. A message deleted meanwhile
-        gets the structure of an empty message, which is not stored."""
-        done: dict[int, dict[str, Any]] = {}
-        rows: list[tuple[str, int]] = []
-        reindex: list[tuple[int, str, str]] = []
-        for blob_id, version in versions.items():
-            try:
-                raw = await self.read(blob_id)
-            except NotFoundError:
-                done[blob_id] = minimal_structure(b"")
-                continue
-            if len(raw) <= LOOP_ANALYZE_MAX:
-                st = structure_of(raw)
-            else:
-                st = await asyncio.to_thread(structure_of, raw)
-            done[blob_id] = st
-            rows.append((orjson.dumps(st).decode(), blob_id))
-            if version != PENDING_VERSION:
-                heads, body = self._text_of(blob_id, raw)
-                reindex.append((blob_id, heads, body))
+        version), keep the results in one commit and return them. The bytes are read and analysed in one
+        reader-thread job: a client's first FETCH of new mail may ask for hundreds, which must not stall the
+        event loop. An older analyser's row was indexed with that analyser's search text, so it is indexed
+        again; a pending row's text is the current code's (the indexer derives it from the bytes), so only
+        its structure is written. A message deleted meanwhile gets the structure of an empty message, which
+        is not stored."""
+        ids = list(versions)
+
+        def load(c: sqlite3.Connection) -> dict[int, tuple[dict[str, Any], tuple[str, str] | None]]:
+            out: dict[int, tuple[dict[str, Any], tuple[str, str] | None]] = {}
+            for blob_id, data, path in _blob_rows(c, "data, path", ids):
+                try:
+                    raw = bytes(data) if data is not None else (self.blob_dir / path).read_bytes()
+                except FileNotFoundError:
+                    continue
+                text = None if versions[blob_id] == PENDING_VERSION else self._text_of(blob_id, raw)
+                out[blob_id] = (structure_of(raw), text)
+            return out
+
+        found: dict[int, tuple[dict[str, Any], tuple[str, str] | None]] = await self._read(load)
+        rows = [(orjson.dumps(st).decode(), blob_id) for blob_id, (st, _) in found.items()]
+        reindex = [(blob_id, *text) for blob_id, (_, text) in found.items() if text is not None]
 
         def tx(c: sqlite3.Connection, t: db.Touched) -> None:
             c.executemany("UPDATE blobs SET structure=? WHERE id=?", rows)
@@ -299,7 +303,7 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
 
         if rows:
             await self._write(tx)
-        return done
+        return {blob_id: found[blob_id][0] if blob_id in found else minimal_structure(b"") for blob_id in ids}
 
     async def set_flags(
         self,

@@ -63,9 +63,10 @@ def structure_of(raw: bytes) -> dict[str, Any]:
         return minimal_structure(raw)
 
 
-#: The stored structure of a message appended with ``analyze=False``: not analysed yet (version -1).
-PENDING_STRUCTURE = '{"v":-1}'
+#: The stored structure of a message appended with ``analyze=False``: not analysed yet, a version below
+#: every analyser's.
 PENDING_VERSION = -1
+PENDING_STRUCTURE = orjson.dumps({"v": PENDING_VERSION}).decode()
 
 
 def flag_text(flags: Iterable[str]) -> str:
