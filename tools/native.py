@@ -22,6 +22,7 @@ Usage: ``python tools/native.py build | clean | status`` (``make native``, ``mak
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import shutil
 import subprocess
@@ -49,16 +50,24 @@ MODULES = (
     "postroom/net/served.py",
     "postroom/smtp/adapter.py",
 )
+#: Written in C by hand, built in the same step: source → the libraries it links. ``_sqlite_fast`` (the
+#: append commit without the GIL, :mod:`postroom.store.sqlite_native`) needs SQLite's headers.
+C_EXTENSIONS = {"postroom/store/_sqlite_fast.c": ["sqlite3"]}
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
 
 SETUP = """
+import json
 import sys
-from setuptools import setup
+from setuptools import Extension, setup
 from mypyc.build import mypycify
-build, *paths = sys.argv[1:]
+build, c_extensions, *paths = sys.argv[1:]
+handwritten = [
+    Extension(src.removesuffix(".c").replace("/", "."), [src], libraries=libs, extra_compile_args=["-O2"])
+    for src, libs in json.loads(c_extensions).items()
+]
 setup(
     name="postroom-native",
-    ext_modules=mypycify(paths, opt_level="3", target_dir=build + "/c"),
+    ext_modules=mypycify(paths, opt_level="3", target_dir=build + "/c") + handwritten,
     script_args=["build_ext", "--inplace", "--build-temp", build + "/temp", "--build-lib", build + "/lib"],
 )
 """
@@ -70,14 +79,15 @@ def extensions() -> list[Path]:
 
 
 def up_to_date() -> bool:
-    """Exactly the modules of :data:`MODULES` are compiled (a module dropped from the list must not keep
-    running compiled), and none of their sources is newer than any extension."""
+    """Exactly the modules of :data:`MODULES` and :data:`C_EXTENSIONS` are compiled (a module dropped from
+    the lists must not keep running compiled), and none of their sources is newer than any extension."""
     exts = extensions()
-    have = {p.relative_to(SRC).as_posix().removesuffix(SUFFIX) + ".py" for p in exts if p.parent != SRC}
-    if have != set(MODULES):
+    have = {p.relative_to(SRC).as_posix().removesuffix(SUFFIX) for p in exts if p.parent != SRC}
+    sources = [*MODULES, *C_EXTENSIONS]
+    if have != {m.rsplit(".", 1)[0] for m in sources}:
         return False
     oldest = min(p.stat().st_mtime for p in exts)
-    return all((SRC / m).stat().st_mtime <= oldest for m in MODULES)
+    return all((SRC / m).stat().st_mtime <= oldest for m in sources)
 
 
 def clean() -> None:
@@ -92,9 +102,15 @@ def build() -> int:
     clean()
     BUILD.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MYPY_CACHE_DIR": str(BUILD / "mypy_cache")}
-    print(f"native: compiling {len(MODULES)} modules with mypyc (under a minute)", flush=True)
+    print(
+        f"native: compiling {len(MODULES)} modules with mypyc and {len(C_EXTENSIONS)} in C (under a minute)", flush=True
+    )
     done = subprocess.run(
-        [sys.executable, "-c", SETUP, str(BUILD), *MODULES], cwd=SRC, env=env, capture_output=True, text=True
+        [sys.executable, "-c", SETUP, str(BUILD), json.dumps(C_EXTENSIONS), *MODULES],
+        cwd=SRC,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode == 0:
         # setuptools copies each module's small shim with the time of its last rebuild, and an edited
@@ -102,7 +118,7 @@ def build() -> int:
         for p in extensions():
             os.utime(p)
     if done.returncode == 0 and up_to_date():
-        print(f"native: {len(MODULES)} modules compiled")
+        print(f"native: {len(MODULES) + len(C_EXTENSIONS)} modules compiled")
         return 0
     clean()
     (BUILD / "last-error.log").write_text(done.stdout + done.stderr)

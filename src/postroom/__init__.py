@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 
 def stale_extensions(package: Path) -> list[Path]:
-    """The compiled modules under ``package`` whose ``.py`` source is newer than they are. One walk of the
-    tree (it runs at every start of every process), ``__pycache__`` left out."""
+    """The compiled modules under ``package`` whose ``.py`` (mypyc) or ``.c`` source is newer than they are.
+    One walk of the tree (it runs at every start of every process), ``__pycache__`` left out."""
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     stale = []
     for folder, dirs, files in os.walk(package):
@@ -26,9 +26,10 @@ def stale_extensions(package: Path) -> list[Path]:
         for name in files:
             if name.endswith(suffixes):
                 ext = os.path.join(folder, name)
-                source = os.path.join(folder, name.split(".", 1)[0] + ".py")
-                if os.path.exists(source) and os.stat(source).st_mtime > os.stat(ext).st_mtime:
-                    stale.append(Path(ext))
+                for source in (os.path.join(folder, name.split(".", 1)[0] + s) for s in (".py", ".c")):
+                    if os.path.exists(source) and os.stat(source).st_mtime > os.stat(ext).st_mtime:
+                        stale.append(Path(ext))
+                        break
     return stale
 
 

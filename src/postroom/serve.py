@@ -49,6 +49,7 @@ from postroom.config import STANDARD_PORTS, Config, parse_hostport
 from postroom.errors import ConfigError, PostroomError
 from postroom.net import eventloop, tls
 from postroom.net.server import Listener, bind_socket, shutdown
+from postroom.store import sqlite_native
 from postroom.store.api import Store
 
 log = logging.getLogger(__name__)
@@ -300,11 +301,15 @@ def code_kind() -> str:
     compiled = [
         name
         for name, module in list(sys.modules.items())
-        if name.startswith("postroom.") and str(getattr(module, "__file__", "") or "").endswith(suffixes)
+        if name.startswith("postroom.")
+        and name != "postroom.store._sqlite_fast"  # written in C: reported as the commit path below
+        and str(getattr(module, "__file__", "") or "").endswith(suffixes)
     ]
+    why_not = sqlite_native.unavailable()
+    commit = "appends commit without the GIL" if why_not is None else f"appends commit in Python ({why_not})"
     if not compiled:
-        return "plain Python (make native compiles the hottest modules)"
-    return f"{len(compiled)} modules compiled with mypyc, the rest plain Python"
+        return f"plain Python (make native compiles the hottest modules); {commit}"
+    return f"{len(compiled)} modules compiled with mypyc, the rest plain Python; {commit}"
 
 
 def banner(plan: _Plan, notes: list[str]) -> str:

@@ -29,9 +29,12 @@ MSG = b"From: a@example.test\r\nTo: b@example.test\r\nSubject: contract\r\n\r\nh
 StoreFactory = Callable[[], Store]
 
 
-@pytest.fixture(params=["sqlite"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    assert request.param == "sqlite"
+@pytest.fixture(params=["sqlite", "sqlite-python-commit"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The SQLite store, with appends committed natively where built (``sqlite_native``) and on the
+    Python path."""
+    if request.param == "sqlite-python-commit":
+        monkeypatch.setenv("POSTROOM_NATIVE_COMMIT", "0")
     return f"sqlite:///{tmp_path / 'store'}"
 
 

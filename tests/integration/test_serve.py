@@ -172,6 +172,7 @@ def test_banner_tls_everywhere_and_clean_sigterm(tmp_path: Path, servers: list[S
     assert code is not None
     if os.environ.get("POSTROOM_REQUIRE_NATIVE") == "1":  # CI: the compiled modules are the ones running
         assert "compiled with mypyc" in code.group(1), code.group(1)
+        assert "appends commit without the GIL" in code.group(1), code.group(1)
     ports = srv.ports()
     assert set(ports) == set(services)
     for service, (_, mode) in ports.items():

@@ -31,13 +31,16 @@ def test_an_extension_older_than_its_source_is_stale(tmp_path: Path) -> None:
     pkg.mkdir(parents=True)
     source, ext = pkg / "mod.py", pkg / ("mod" + SUFFIX)
     other, other_ext = pkg / "fresh.py", pkg / ("fresh" + SUFFIX)
-    for path in (source, ext, other, other_ext):
+    c_source, c_ext = pkg / "_hand.c", pkg / ("_hand" + SUFFIX)  # written in C, not compiled by mypyc
+    for path in (source, ext, other, other_ext, c_source, c_ext):
         path.write_text("")
     os.utime(ext, (1_000, 1_000))
     os.utime(source, (2_000, 2_000))
     os.utime(other, (1_000, 1_000))
     os.utime(other_ext, (2_000, 2_000))
-    assert postroom.stale_extensions(tmp_path) == [ext]
+    os.utime(c_ext, (1_000, 1_000))
+    os.utime(c_source, (2_000, 2_000))
+    assert sorted(postroom.stale_extensions(tmp_path)) == sorted([ext, c_ext])
 
 
 def test_a_stale_extension_stops_the_import(tmp_path: Path) -> None:
@@ -63,8 +66,8 @@ def test_a_stale_extension_stops_the_import(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.environ.get("POSTROOM_REQUIRE_NATIVE") != "1", reason="POSTROOM_REQUIRE_NATIVE is not 1")
 def test_the_listed_modules_run_compiled() -> None:
     tool = _native_tool()
-    for path in tool.MODULES:  # type: ignore[attr-defined]
-        name = path.removesuffix(".py").replace("/", ".")
+    for path in [*tool.MODULES, *tool.C_EXTENSIONS]:  # type: ignore[attr-defined]
+        name = path.rsplit(".", 1)[0].replace("/", ".")
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin is not None
         assert spec.origin.endswith(SUFFIX), f"{name} runs as plain Python: run `make native`"

@@ -165,6 +165,84 @@ def test_a_failing_bulk_member_fails_alone(tmp_path: Path) -> None:
     assert rows == [("a", 1), ("b", 3)]
 
 
+class _Fast:
+    """A fast version of ``_Bulk.many`` (what ``sqlite_native`` is to appends): commits with a connection
+    of its own under the write lock, or declines the batches whose first key is ``decline``; with
+    ``sync_errno`` set it reports that the WAL's fdatasync failed."""
+
+    def __init__(self, path: Path, decline: str = "", sync_errno: int = 0) -> None:
+        self.conn = connect(path)
+        self.decline, self.sync_errno = decline, sync_errno
+        self.calls: list[list[str]] = []
+
+    def fast(self, args: list[tuple[str, int]], lock_fd: int, wal_fd: int) -> tuple[list[Any], Touched, int] | None:
+        assert wal_fd >= 0
+        self.calls.append([k for k, _ in args])
+        if args[0][0] == self.decline:
+            return None
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany("INSERT INTO t VALUES(?, ?)", args)
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        return [v * 10 for _, v in args], Touched(mailboxes={v for _, v in args}), self.sync_errno
+
+
+def _prepared(job: tuple[Any, Any, Any]) -> tuple[Any, None, Any, Any]:
+    """``submit``'s arguments for a ``_Bulk.one`` job."""
+    return (job[0], None, job[1], job[2])
+
+
+def _fast_writer(path: Path, bulk: _Bulk, fast: _Fast) -> GroupCommitWriter:
+    return GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, fast=(bulk.many, fast.fast))
+
+
+def test_a_batch_of_one_bulk_function_goes_to_its_fast_version(tmp_path: Path) -> None:
+    """Offered only batches whose every job names the bulk function, and only once the WAL's descriptor
+    is open (the first commit opens it); a declined batch runs on the Python path."""
+    path = tmp_path / "db"
+    _table(path)
+    bulk, fast = _Bulk(), _Fast(path, decline="x")
+    writer = _fast_writer(path, bulk, fast)
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            first = await writer.submit(*_prepared(bulk.one("first", 0)))
+            pure = await _batch(writer, [bulk.one("a", 1), bulk.one("b", 2)])
+            mixed = await _batch(writer, [bulk.one("c", 3), insert("d", 4)])
+            declined = await _batch(writer, [bulk.one("x", 5), bulk.one("y", 6)])
+            return [first, pure, mixed, declined]
+        finally:
+            writer.stop()
+
+    assert asyncio.run(main()) == [0, [10, 20], [3, 4], [5, 6]]
+    assert fast.calls == [["a", "b"], ["x", "y"]]
+    assert bulk.calls == [["first"], ["c"], ["x", "y"]]
+    rows = sorted(connect(path).execute("SELECT k FROM t").fetchall())
+    assert rows == [(k,) for k in ("a", "b", "c", "d", "first", "x", "y")]
+
+
+def test_a_failed_wal_sync_of_the_fast_version_fails_the_batch(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    _table(path)
+    bulk, fast = _Bulk(), _Fast(path, sync_errno=28)
+    writer = _fast_writer(path, bulk, fast)
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            await writer.submit(*_prepared(bulk.one("first", 0)))
+            return await _batch(writer, [bulk.one("a", 1), bulk.one("b", 2)])
+        finally:
+            writer.stop()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, StoreFullError) for r in results), results
+
+
 def test_callers_are_answered_after_the_wal_fsync_which_runs_outside_the_write_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

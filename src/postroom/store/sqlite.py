@@ -32,6 +32,7 @@ import orjson
 from postroom.errors import NotFoundError, StoreError
 from postroom.mime import STRUCTURE_VERSION, minimal_structure
 from postroom.store import sqlite_db as db
+from postroom.store import sqlite_native
 from postroom.store.api import (
     Changes,
     FlagOp,
@@ -100,6 +101,7 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         self.hub = ChangeHub(directory / "run")
         self._readers: db.ReaderPool | None = None
         self._writer: db.GroupCommitWriter | None = None
+        self._native: sqlite_native.NativeCommit | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -108,7 +110,9 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         await asyncio.to_thread(self._open_sync)
         self._readers = db.ReaderPool(self.db_path, READER_THREADS)
         self._readers.start()
-        self._writer = db.GroupCommitWriter(self.db_path, self._remove_dead_files, self._announce)
+        self._native = await asyncio.to_thread(sqlite_native.open_native, self.db_path)
+        fast = (self._append_many, self._append_native) if self._native is not None else None
+        self._writer = db.GroupCommitWriter(self.db_path, self._remove_dead_files, self._announce, fast=fast)
         self._writer.start()
         self.hub.start(self._loop)
 
@@ -126,6 +130,9 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
             self._writer = None
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         if self._readers is not None:
             await asyncio.to_thread(self._readers.stop)
             self._readers = None

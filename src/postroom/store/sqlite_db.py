@@ -29,6 +29,11 @@ Invariants:
 - Between processes, writers take an exclusive ``flock`` on ``meta.db.writer-lock`` around each
   transaction: the kernel wakes the next writer the moment the lock is released, where SQLite's own busy
   handler would sleep and poll (``busy_timeout`` stays as the fallback).
+- A bulk function may come with a *fast* version (:data:`FastFn`, ``fast=`` at construction): when every
+  job of a batch names that bulk function, the fast version is offered the whole batch first, with the
+  write lock's and the WAL's descriptors. It takes the lock, commits and syncs by itself without the GIL
+  (:mod:`postroom.store.sqlite_native`), or declines (returns None, having committed nothing), and the
+  batch runs on the path above. Its results and ``Touched`` are those the bulk function would give.
 """
 
 from __future__ import annotations
@@ -226,6 +231,9 @@ def fsync_dir(path: Path) -> None:
 WriteFn = Callable[[sqlite3.Connection, Touched], Any]
 #: A bulk job: the arguments of consecutive jobs in order → their results in the same order.
 ManyFn = Callable[[sqlite3.Connection, list[Any], Touched], list[Any]]
+#: A bulk job's fast version: (arguments, lock fd, WAL fd) → (results, touched, the WAL fdatasync's
+#: errno), committed and synced; or None: declined, nothing committed (see the module invariants).
+FastFn = Callable[[list[Any], int, int], tuple[list[Any], Touched, int] | None]
 
 
 @dataclass
@@ -251,10 +259,13 @@ class GroupCommitWriter:
         cleanup: Callable[[Touched], None],
         announce: Callable[[Touched], None],
         opener: Callable[[Path], sqlite3.Connection] = connect,
+        fast: tuple[ManyFn, FastFn] | None = None,
     ) -> None:
         """``cleanup(touched)`` runs on the writer thread after each COMMIT (file removal: I/O off the loop);
         ``announce(touched)`` runs on the event loop just before the batch's callers are answered;
-        ``opener`` makes the writer's connection (:func:`connect`; tests give it another journal mode)."""
+        ``opener`` makes the writer's connection (:func:`connect`; tests give it another journal mode);
+        ``fast`` is a bulk function and its fast version (see the module invariants)."""
+        self._fast = fast
         self._path = path
         self._opener = opener
         self._cleanup = cleanup
@@ -349,21 +360,24 @@ class GroupCommitWriter:
         if not live:
             return None
         touched_by: list[Touched] = []
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            committed = self._transaction(conn, live, touched_by)
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        if not committed:
-            return None
-        try:
-            if self._own_sync:
-                self._sync_wal()
-        except OSError as exc:
+        fast = self._run_fast(live, touched_by)
+        if fast is None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                committed = self._transaction(conn, live, touched_by)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            if not committed:
+                return None
+            sync_error = self._sync_wal() if self._own_sync else None
+        else:
+            sync_error = OSError(fast, os.strerror(fast)) if fast else None
+        if sync_error is not None:
             # Committed, visible, but maybe not on disk: every caller hears a failure (SMTP: 451, so the
             # client retries; at worst the message is then stored twice, never acknowledged and lost).
-            log.error("store commit not made durable: %s", exc)
-            err = StoreFullError("disk full") if exc.errno in (28, 122) else StoreError(f"fsync failed: {exc}")
+            log.error("store commit not made durable: %s", sync_error)
+            full = sync_error.errno in (28, 122)
+            err = StoreFullError("disk full") if full else StoreError(f"fsync failed: {sync_error}")
             for job in live:
                 job.outcome = (False, err)
             return None
@@ -379,14 +393,38 @@ class GroupCommitWriter:
             log.exception("post-commit clean-up failed")
         return touched_all
 
-    def _sync_wal(self) -> None:
+    def _run_fast(self, live: list[_Job], touched_by: list[Touched]) -> int | None:
+        """Offer ``live`` to the fast version of its bulk function: None when declined (or not offered:
+        mixed jobs, no WAL descriptor yet, a rollback journal), else the WAL fdatasync's errno, with every
+        job's outcome set. Declining is never an error: the Python path then runs the same batch."""
+        fast = self._fast
+        if fast is None or self._wal_fd < 0 or not self._own_sync:
+            return None
+        many, fn = fast
+        for job in live:
+            if job.many != many:
+                return None
+        got = fn([job.arg for job in live], self._lock_fd, self._wal_fd)
+        if got is None:
+            return None
+        results, touched, sync_errno = got
+        for job, res in zip(live, results, strict=True):
+            job.outcome = (True, res)
+        touched_by.append(touched)
+        return sync_errno
+
+    def _sync_wal(self) -> OSError | None:
         """Make the last COMMIT durable: fdatasync the WAL (our connection keeps the file, and so this
         descriptor's inode, alive); the first time, fsync its directory as well, since ``synchronous=NORMAL``
-        never syncs the directory entry of a WAL file SQLite just created."""
-        if self._wal_fd < 0:
-            self._wal_fd = os.open(str(self._path) + "-wal", os.O_RDONLY)
-            fsync_dir(self._path.parent)
-        os.fdatasync(self._wal_fd)
+        never syncs the directory entry of a WAL file SQLite just created. The error, if it failed."""
+        try:
+            if self._wal_fd < 0:
+                self._wal_fd = os.open(str(self._path) + "-wal", os.O_RDONLY)
+                fsync_dir(self._path.parent)
+            os.fdatasync(self._wal_fd)
+        except OSError as exc:
+            return exc
+        return None
 
     def _transaction(self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]) -> bool:
         """Run ``live`` in one transaction; True when it committed (each job's outcome is set)."""
