@@ -225,6 +225,37 @@ def test_a_batch_of_one_bulk_function_goes_to_its_fast_version(tmp_path: Path) -
     assert rows == [(k,) for k in ("a", "b", "c", "d", "first", "x", "y")]
 
 
+def test_a_fast_version_that_raises_fails_its_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
+    """An exception (a bug: declining is returning None) leaves it unknown whether the batch committed:
+    it is not run again, every caller hears StoreError, and the next batch is served."""
+    path = tmp_path / "db"
+    _table(path)
+    bulk, fast = _Bulk(), _Fast(path)
+    real = fast.fast
+
+    def broken(args: list[tuple[str, int]], lock_fd: int, wal_fd: int) -> Any:
+        if args[0][0] == "a":
+            raise TypeError("a bug")
+        return real(args, lock_fd, wal_fd)
+
+    writer = GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, fast=(bulk.many, broken))
+
+    async def main() -> list[Any]:
+        writer.start()
+        try:
+            await writer.submit(*_prepared(bulk.one("first", 0)))
+            # Bounded: before, the exception ended the writer thread and nobody was ever answered.
+            failed = await asyncio.wait_for(_batch(writer, [bulk.one("a", 1), bulk.one("b", 2)]), 10)
+            return [*failed, await asyncio.wait_for(writer.submit(*_prepared(bulk.one("c", 3))), 10)]
+        finally:
+            writer.stop()
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, StoreError) and isinstance(second, StoreError)
+    assert third == 30
+    assert bulk.calls == [["first"]]  # the failed batch was not run again on the Python path
+
+
 def test_a_failed_wal_sync_of_the_fast_version_fails_the_batch(tmp_path: Path) -> None:
     path = tmp_path / "db"
     _table(path)

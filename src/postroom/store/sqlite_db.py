@@ -33,13 +33,16 @@ Invariants:
   job of a batch names that bulk function, the fast version is offered the whole batch first, with the
   write lock's and the WAL's descriptors. It takes the lock, commits and syncs by itself without the GIL
   (:mod:`postroom.store.sqlite_native`), or declines (returns None, having committed nothing), and the
-  batch runs on the path above. Its results and ``Touched`` are those the bulk function would give.
+  batch runs on the path above. Its results and ``Touched`` are those the bulk function would give. Should
+  it raise (a bug), whether it committed is unknown: the batch's callers hear StoreError and it is not
+  run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -395,8 +398,9 @@ class GroupCommitWriter:
 
     def _run_fast(self, live: list[_Job], touched_by: list[Touched]) -> int | None:
         """Offer ``live`` to the fast version of its bulk function: None when declined (or not offered:
-        mixed jobs, no WAL descriptor yet, a rollback journal), else the WAL fdatasync's errno, with every
-        job's outcome set. Declining is never an error: the Python path then runs the same batch."""
+        mixed jobs, no WAL descriptor yet, a rollback journal), else the WAL fdatasync's errno (EIO when
+        the fast version raised), with every job's outcome set when it is 0. Declining is never an error:
+        the Python path then runs the same batch."""
         fast = self._fast
         if fast is None or self._wal_fd < 0 or not self._own_sync:
             return None
@@ -404,7 +408,14 @@ class GroupCommitWriter:
         for job in live:
             if job.many != many:
                 return None
-        got = fn([job.arg for job in live], self._lock_fd, self._wal_fd)
+        try:
+            got = fn([job.arg for job in live], self._lock_fd, self._wal_fd)
+        except Exception:
+            # A bug on the fast path (it declines by returning None): whether it committed is unknown, so
+            # the batch is not run again (no duplicates); every caller hears a failure, as for a failed
+            # fsync (EIO), and the writer carries on.
+            log.exception("fast commit failed")
+            return errno.EIO
         if got is None:
             return None
         results, touched, sync_errno = got
