@@ -209,6 +209,13 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         result: Changes = await self._read(q, on_loop=True)
         return result
 
+    def _bytes_of(self, data: bytes | None, path: str | None) -> bytes:
+        """A message's bytes from its ``blobs`` row: in the row, or in its file under ``blobs/``."""
+        if data is not None:
+            return bytes(data)
+        assert path is not None, "a blob row holds its bytes or names its file"
+        return (self.blob_dir / path).read_bytes()
+
     async def read(self, blob_id: int) -> bytes:
         def small(c: sqlite3.Connection) -> bytes | None:
             row = c.execute(
@@ -226,10 +233,7 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
             row = c.execute("SELECT data, path FROM blobs WHERE id=?", (blob_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no message {blob_id}")
-            if row[0] is not None:
-                return bytes(row[0])
-            data: bytes = (self.blob_dir / row[1]).read_bytes()
-            return data
+            return self._bytes_of(row[0], row[1])
 
         result: bytes = await self._read(q)
         return result
@@ -291,7 +295,7 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
             out: dict[int, tuple[dict[str, Any], tuple[str, str] | None]] = {}
             for blob_id, data, path in _blob_rows(c, "data, path", ids):
                 try:
-                    raw = bytes(data) if data is not None else (self.blob_dir / path).read_bytes()
+                    raw = self._bytes_of(data, path)
                 except FileNotFoundError:
                     continue
                 text = None if versions[blob_id] == PENDING_VERSION else self._text_of(blob_id, raw)

@@ -50,7 +50,7 @@ from postroom.errors import NotFoundError, StoreError, StoreFullError
 from postroom.mime import analyze, minimal_structure
 from postroom.store import sqlite_db as db
 from postroom.store.api import AppendTarget, OutboundEnvelope
-from postroom.store.sqlite_native import FastCommitError, NativeCommit
+from postroom.store.sqlite_native import RESERVE, FastCommitError, NativeCommit
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,6 @@ class _Append:
 
 
 LOOP_ANALYZE_MAX = 64 * 1024  # octets of a message analysed on the event loop; larger: on the writer thread
-#: The counters' values before the update: the first UID and the MODSEQ to count up from.
-_RESERVE = (
-    "UPDATE mailboxes SET uidnext = uidnext + :n, highestmodseq = highestmodseq + :n WHERE id = :id"
-    " RETURNING uidnext - :n, highestmodseq - :n, (SELECT seq FROM sqlite_sequence WHERE name = 'blobs')"
-)
 ROWS_PER_INSERT = 64  # rows per multi-row INSERT: 64 * 7 host parameters, far below SQLite's 32,766
 
 
@@ -206,8 +201,7 @@ class AppendMixin:
         """The writer's fast version of :meth:`_append_many` (see the module invariants): committed and
         synced without the GIL, or None (declined, nothing committed)."""
         native = self._native
-        if native is None:
-            return None
+        assert native is not None, "the writer is given this fast version only with a native commit"
         blobs: list[tuple[bytes, str, int]] = []
         rows: list[tuple[int, int, str, float]] = []
         now = time.time()
@@ -242,7 +236,7 @@ class AppendMixin:
         counters: dict[int, list[int]] = {}
         seq: int | None = None
         for mailbox_id, n in counts.items():
-            rows = c.execute(_RESERVE, {"n": n, "id": mailbox_id}).fetchall()
+            rows = c.execute(RESERVE, (n, mailbox_id)).fetchall()
             if not rows:
                 raise NotFoundError(f"no mailbox {mailbox_id}")
             uidnext, modseq, last_blob = rows[0]

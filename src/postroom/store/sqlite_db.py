@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # octets the WAL file is truncated to after it is reset
+CACHE_KIB = 32 * 1024  # page cache per connection
 MAX_BATCH = 256  # jobs per group commit; bounds one transaction's duration
 SCHEMA_VERSION = 3  # bump with a MIGRATIONS entry
 
@@ -149,7 +150,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA cache_size=-32768")  # 32 MiB page cache per connection
+    conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # negative: KiB, not pages
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     return conn
 

@@ -13,7 +13,8 @@ Invariants:
 - Unsafe means the extension would call another copy of SQLite than Python's ``sqlite3`` module does (a
   Python with SQLite linked in statically): two copies in one process do not see each other's POSIX
   locks. :func:`unavailable` compares the address of ``sqlite3_open_v2`` both resolve to.
-- The statements are the Python path's (``sqlite_append``), in the parameter layout the C file documents.
+- The statements are the Python path's: ``RESERVE`` is the one ``sqlite_append`` runs, ``BLOB`` and
+  ``MESSAGE`` insert the rows its multi-row ``INSERT``s do, in the parameter layout the C file documents.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ except ImportError:  # not built: plain Python
 #: WAL is a property of the database file, set by every ``connect``).
 SETUP = (
     f"PRAGMA busy_timeout={db.BUSY_TIMEOUT_MS}; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"
-    f" PRAGMA cache_size=-32768; PRAGMA journal_size_limit={db.JOURNAL_SIZE_LIMIT};"
+    f" PRAGMA cache_size=-{db.CACHE_KIB}; PRAGMA journal_size_limit={db.JOURNAL_SIZE_LIMIT};"
 )
-#: Per mailbox, ?1 = its new messages, ?2 = its id: the counters before (as ``sqlite_append._RESERVE``).
+#: Per mailbox, ?1 = its new messages, ?2 = its id: UIDNEXT and HIGHESTMODSEQ advanced, and back their
+#: values before (the first UID and the MODSEQ to count up from) and the last blob id. Both paths run it.
 RESERVE = (
     "UPDATE mailboxes SET uidnext = uidnext + ?1, highestmodseq = highestmodseq + ?1 WHERE id = ?2"
     " RETURNING uidnext - ?1, highestmodseq - ?1, (SELECT seq FROM sqlite_sequence WHERE name = 'blobs')"
