@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,47 @@ def test_without_wal_commits_stay_synchronous_full(tmp_path: Path) -> None:
 
     assert asyncio.run(main()) == (1, 2)  # 2: FULL
     assert not (tmp_path / "db-wal").exists()
+
+
+def _nice_of(thread: threading.Thread) -> int:
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+@pytest.mark.parametrize("nice", [0, 7, 40])
+def test_the_writer_thread_runs_at_its_nice_increment_and_the_loop_keeps_its_own(tmp_path: Path, nice: int) -> None:
+    path = tmp_path / "db"
+    _table(path)
+    writer = GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, nice=nice)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    async def main() -> None:
+        writer.start()
+        try:
+            await writer.submit(insert("a", 1))  # the thread has set its priority before its first job
+            seen.append(_nice_of(writer._worker))
+        finally:
+            writer.stop()
+
+    asyncio.run(main())
+    assert seen == [min(19, base + nice)]  # 40: capped at the lowest priority, not an error
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched
+    assert connect(path).execute("SELECT v FROM t").fetchall() == [(1,)]
+
+
+def test_the_served_store_gets_the_configured_writer_nice(tmp_path: Path) -> None:
+    from postroom.config import Config, StoreConfig
+    from postroom.serve import open_configured_store
+
+    cfg = Config(data_dir=str(tmp_path), store=StoreConfig(writer_nice=3))
+
+    async def main() -> int:
+        store = await open_configured_store(cfg)
+        try:
+            return int(getattr(store, "writer_nice"))  # noqa: B009 - SqliteStore's, not the Store API's
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == 3

@@ -94,8 +94,9 @@ def _meta(row: Sequence[Any]) -> MessageMeta:
 class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, SearchMixin, Store):
     """The default store. Open with :func:`open_store`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, writer_nice: int = 0) -> None:
         self.dir = directory
+        self.writer_nice = writer_nice
         self.db_path = directory / "meta.db"
         self.blob_dir = directory / "blobs"
         self.hub = ChangeHub(directory / "run")
@@ -112,7 +113,9 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         self._readers.start()
         self._native = await asyncio.to_thread(sqlite_native.open_native, self.db_path)
         fast = (self._append_many, self._append_native) if self._native is not None else None
-        self._writer = db.GroupCommitWriter(self.db_path, self._remove_dead_files, self._announce, fast=fast)
+        self._writer = db.GroupCommitWriter(
+            self.db_path, self._remove_dead_files, self._announce, fast=fast, nice=self.writer_nice
+        )
         self._writer.start()
         self.hub.start(self._loop)
 
@@ -478,11 +481,12 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         return self.hub.watch("a", account_id)
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///DIR`` → an unopened SqliteStore (call ``await store.open()``)."""
+def open_store(url: str, writer_nice: int = 0) -> Store:
+    """``sqlite:///DIR`` → an unopened SqliteStore (call ``await store.open()``); ``writer_nice``: see
+    :class:`~postroom.store.sqlite_db.GroupCommitWriter`."""
     if url.startswith("sqlite:///"):
         # sqlite:///relative/dir or sqlite:////absolute/dir (the SQLAlchemy convention)
-        return SqliteStore(Path(url[len("sqlite:///") :]))
+        return SqliteStore(Path(url[len("sqlite:///") :]), writer_nice=writer_nice)
     if url.startswith(("postgresql://", "postgres://")):
         raise StoreError("the PostgreSQL backend is not available yet; use sqlite:///DIR")
     raise StoreError(f"unknown store url {url!r}")
