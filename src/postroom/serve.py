@@ -81,6 +81,7 @@ RESTART_DELAY_MAX = 30.0  # seconds; a worker that keeps crashing is restarted w
 MIN_UPTIME = 5.0  # seconds; a worker that died sooner counts as a crash loop
 MAX_QUICK_CRASHES = 10  # consecutive quick crashes of one worker before the server gives up
 KILL_MARGIN = 5.0  # seconds after shutdown_grace before the parent kills a worker that did not exit
+KILL_REPEAT = 1.0  # seconds between SIGKILLs to workers the kernel has not finished yet (e.g. in D state)
 
 
 def _warn(text: str) -> None:
@@ -400,6 +401,7 @@ class _Supervisor:
         self.quick_crashes: dict[int, int] = {}
         self.restarts: list[tuple[float, int]] = []  # (when, index)
         self.stopping = False
+        self.kill_at = 0.0  # when stopping: the monotonic time at which the workers left get SIGKILL
         self.failed = False
 
     def run(self) -> int:
@@ -407,23 +409,18 @@ class _Supervisor:
         try:
             for index in range(self.plan.workers):
                 self._spawn(index, old_mask)
-            deadline = 0.0
             while self.children or (self.restarts and not self.stopping):
                 now = time.monotonic()
-                wake = [deadline] if self.stopping else [when for when, _ in self.restarts]
+                wake = [self.kill_at] if self.stopping else [when for when, _ in self.restarts]
                 timeout = max(0.0, min([*wake, now + 1.0]) - now)
                 info = signal.sigtimedwait(self.SIGNALS, timeout)
                 if info is None:
-                    if self.stopping and time.monotonic() >= deadline:
+                    if self.stopping and time.monotonic() >= self.kill_at:
+                        log.warning("%d workers still running after the grace period: SIGKILL", len(self.children))
                         self._signal_all(signal.SIGKILL)
+                        self.kill_at = time.monotonic() + KILL_REPEAT  # until reaped; never a busy loop
                 elif info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                    if not self.stopping:
-                        self.stopping = True
-                        self.restarts.clear()
-                        deadline = time.monotonic() + self.plan.cfg.net.shutdown_grace + KILL_MARGIN
-                        log.info("stopping %d workers", len(self.children))
-                    self._signal_all(signal.SIGTERM)
-                    self._stop_listening()
+                    self._stop()
                 elif info.si_signo == signal.SIGHUP:
                     log.info("reload: forwarding SIGHUP to %d workers", len(self.children))
                     self._signal_all(signal.SIGHUP)
@@ -435,6 +432,17 @@ class _Supervisor:
         finally:
             self._stop_listening()
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def _stop(self) -> None:
+        """SIGTERM every worker and stop listening; the first time, start the grace period
+        (``shutdown_grace`` + ``KILL_MARGIN``) after which the workers left are killed."""
+        if not self.stopping:
+            self.stopping = True
+            self.restarts.clear()
+            self.kill_at = time.monotonic() + self.plan.cfg.net.shutdown_grace + KILL_MARGIN
+            log.info("stopping %d workers", len(self.children))
+        self._signal_all(signal.SIGTERM)
+        self._stop_listening()
 
     def _stop_listening(self) -> None:
         """Close the parent's copy of the listening sockets: once the workers have closed theirs (the first
@@ -492,10 +500,8 @@ class _Supervisor:
             self.quick_crashes[index] = quick
             if quick >= MAX_QUICK_CRASHES:
                 log.error("worker %d keeps dying (exit %s); stopping the server", index + 1, code)
-                self.failed = self.stopping = True
-                self.restarts.clear()
-                self._signal_all(signal.SIGTERM)
-                self._stop_listening()
+                self.failed = True
+                self._stop()  # the other workers get the same grace as on SIGTERM
                 return
             delay = min(RESTART_DELAY_MAX, 0.1 * 2**quick) if quick else 0.0
             log.error("worker %d (pid %d) exited with %s; restarting in %.1f s", index + 1, pid, code, delay)
