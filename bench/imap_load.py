@@ -90,7 +90,8 @@ def prepare_dovecot(anchors: Path, users: int, messages: int) -> tuple[Path, Pat
 
 
 def index_dovecot(conf: Path) -> None:
-    """Build Dovecot's index files once (needs the running instance's auth service for ``-A``)."""
+    """Build Dovecot's index files once, through ``conf``: the running instance's config (``-A`` asks its
+    auth service for the users). Both variants share the Maildirs and so the indexes."""
     marker = conf.parent / "indexed"
     if marker.exists():
         return
@@ -381,13 +382,14 @@ def main() -> int:
         else:
             stock_conf, perf_conf, dport = prepared
             for variant in variants:
+                conf = perf_conf if variant == "perf" else stock_conf
                 try:
-                    pid = start_dovecot(perf_conf if variant == "perf" else stock_conf, GREETING)
+                    pid = start_dovecot(conf, GREETING)
                 except (OSError, RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
                     print(f"  dovecot-{variant} skipped: could not start it ({exc})", flush=True)
                     continue
                 try:
-                    index_dovecot(stock_conf)
+                    index_dovecot(conf)  # doveadm asks the running instance's auth for the users
                     names = [f"user{u:02d}" for u in range(1, args.users + 1)]
                     dovecot: Target = (f"dovecot-{variant}", dport, names, pid)
                     # Postroom is measured beside the first variant only (interleaved with it).
