@@ -68,10 +68,10 @@ class StoreConfig:
     """``[store]``: ``sqlite:///path/to/dir`` (default: ``data_dir/store``) or ``postgresql://…``."""
 
     url: str = ""
-    #: How much lower than the event loop the store's writer thread runs (its nice increment, Linux only;
-    #: 0 leaves it alone). Under CPU contention the loops' protocol work goes first and each group commit
-    #: gathers more messages; with an idle CPU it changes nothing (docs/store.md, "The writer's priority").
-    writer_nice: int = 10
+    #: "batch": the store's writer thread waits and commits under Linux's SCHED_BATCH (its wake-ups do not
+    #: preempt the event loop, so under CPU contention each group commit gathers more messages; with a CPU
+    #: free it changes nothing); "normal": the default policy throughout (docs/store.md).
+    writer_scheduling: str = "batch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +208,8 @@ def _validate(cfg: Config) -> None:
         fail("smtp.max_text_line", "must be at least 1000 (RFC 5321 §4.5.3.1.6)")
     if cfg.smtp.max_received < 0:
         fail("smtp.max_received", "must be 0 (no limit) or more; RFC 5321 §6.3 suggests at least 100")
-    if not (0 <= cfg.store.writer_nice <= 19):
-        fail("store.writer_nice", "must be 0 (the event loop's priority) to 19 (the lowest)")
+    if cfg.store.writer_scheduling not in ("batch", "normal"):
+        fail("store.writer_scheduling", "must be batch or normal")
     if cfg.store.url and not cfg.store.url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         fail("store.url", "must start with sqlite:/// or postgresql://")
 

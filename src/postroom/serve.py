@@ -69,7 +69,7 @@ IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
 #: The outbound queue runner: ``QueueRunner(app)`` with ``await start()`` / ``await stop()``.
 QUEUE_RUNNER = "postroom.delivery.runner:QueueRunner"
 #: Store backends by URL scheme: "module:function" returning an unopened Store, called as
-#: ``function(url, writer_nice=N)`` (``[store] writer_nice``).
+#: ``function(url, writer_scheduling=…)`` (``[store] writer_scheduling``).
 STORE_BACKENDS: dict[str, str] = {
     "sqlite": "postroom.store.sqlite:open_store",
     "postgresql": "postroom.store.postgres:open_store",
@@ -147,7 +147,7 @@ async def open_configured_store(cfg: Config) -> Store:
         opener = load_object(ref)
     except _Unavailable:
         raise ConfigError(f"{cfg.source}: store.url: the {scheme} backend is not available") from None
-    store = cast(Store, opener(cfg.store_url, writer_nice=cfg.store.writer_nice))
+    store = cast(Store, opener(cfg.store_url, writer_scheduling=cfg.store.writer_scheduling))
     await store.open()
     return store
 

@@ -70,7 +70,7 @@ smtp = ["0.0.0.0:25", "[::]:25"]
 imaps = ["127.0.0.1:993"]
 [store]
 url = "sqlite:////srv/mail/store"
-writer_nice = 0
+writer_scheduling = "normal"
 [delivery]
 nameservers = ["127.0.0.1"]
 smtp_port = 2526
@@ -91,7 +91,7 @@ shutdown_grace = 2.5
     assert cfg.listeners.smtp == ("0.0.0.0:25", "[::]:25")
     assert cfg.listeners.submission == ()  # an explicit [listeners] table: unlisted services are off
     assert cfg.store_url == "sqlite:////srv/mail/store"
-    assert cfg.store.writer_nice == 0 and Config().store.writer_nice == 10
+    assert cfg.store.writer_scheduling == "normal" and Config().store.writer_scheduling == "batch"
     assert cfg.delivery.smtp_port == 2526
     assert cfg.smtp.max_recipients == 500
     assert cfg.net.shutdown_grace == 2.5  # an int/float in TOML becomes the field's float
@@ -115,8 +115,7 @@ shutdown_grace = 2.5
         ("[pop3]\nidle_timeout = 5", "RFC 1939"),
         ("[smtp]\nmax_received = -1", "smtp.max_received: must be 0"),
         ("[store]\nurl = 'mysql://x'", "store.url"),
-        ("[store]\nwriter_nice = 20", "store.writer_nice: must be 0"),
-        ("[store]\nwriter_nice = -5", "store.writer_nice: must be 0"),
+        ("[store]\nwriter_scheduling = 'idle'", "store.writer_scheduling: must be batch or normal"),
         ("[delivery]\ntls_policy = 'sometimes'", "delivery.tls_policy"),
         ("[net]\nevent_loop = 'twisted'", "net.event_loop: must be one of uvloop, asyncio"),
     ],

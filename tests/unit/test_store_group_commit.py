@@ -369,45 +369,64 @@ def test_without_wal_commits_stay_synchronous_full(tmp_path: Path) -> None:
     assert not (tmp_path / "db-wal").exists()
 
 
-def _nice_of(thread: threading.Thread) -> int:
+def _policy_of(thread: threading.Thread) -> int:
     assert thread.native_id is not None
-    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+    return os.sched_getscheduler(thread.native_id)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
-@pytest.mark.parametrize("nice", [0, 7, 40])
-def test_the_writer_thread_runs_at_its_nice_increment_and_the_loop_keeps_its_own(tmp_path: Path, nice: int) -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a scheduling policy per thread is Linux's")
+@pytest.mark.parametrize("batch", [False, True])
+def test_the_writer_waits_and_commits_fast_under_sched_batch_and_runs_python_transactions_normally(
+    tmp_path: Path, batch: bool
+) -> None:
     path = tmp_path / "db"
     _table(path)
-    writer = GroupCommitWriter(path, cleanup=lambda t: None, announce=lambda t: None, nice=nice)
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    seen: list[int] = []
+    caller = os.sched_getscheduler(0)
+    seen: dict[str, int] = {}
+
+    def many(c: sqlite3.Connection, args: list[Any], t: Touched) -> list[Any]:
+        seen["declined"] = os.sched_getscheduler(0)  # the Python path of the batch the fast version declined
+        return [insert(key, value)(c, t) for key, value in args]
+
+    def fast(args: list[Any], lock_fd: int, wal_fd: int) -> tuple[list[Any], Touched, int] | None:
+        seen["fast"] = os.sched_getscheduler(0)  # 0: the calling thread, the writer
+        return None  # declined: the same batch then runs on the Python path
+
+    def python_job(c: sqlite3.Connection, t: Touched) -> int:
+        seen["python"] = os.sched_getscheduler(0)
+        return int(insert("p", 1)(c, t))
+
+    writer = GroupCommitWriter(
+        path, cleanup=lambda t: None, announce=lambda t: None, fast=(many, fast), batch_scheduling=batch
+    )
 
     async def main() -> None:
         writer.start()
         try:
-            await writer.submit(insert("a", 1))  # the thread has set its priority before its first job
-            seen.append(_nice_of(writer._worker))
+            await writer.submit(python_job)  # the first commit opens the WAL descriptor the fast path needs
+            await writer.submit(insert("f", 0), None, many, ("f", 2))
+            seen["waiting"] = _policy_of(writer._worker)
         finally:
             writer.stop()
 
     asyncio.run(main())
-    assert seen == [min(19, base + nice)]  # 40: capped at the lowest priority, not an error
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched
-    assert connect(path).execute("SELECT v FROM t").fetchall() == [(1,)]
+    waiting = os.SCHED_BATCH if batch else caller
+    assert seen == {"python": caller, "fast": waiting, "declined": caller, "waiting": waiting}
+    assert os.sched_getscheduler(0) == caller  # the caller's own policy is untouched
+    assert sorted(connect(path).execute("SELECT k, v FROM t").fetchall()) == [("f", 2), ("p", 1)]
 
 
-def test_the_served_store_gets_the_configured_writer_nice(tmp_path: Path) -> None:
+def test_the_served_store_gets_the_configured_writer_scheduling(tmp_path: Path) -> None:
     from postroom.config import Config, StoreConfig
     from postroom.serve import open_configured_store
 
-    cfg = Config(data_dir=str(tmp_path), store=StoreConfig(writer_nice=3))
+    cfg = Config(data_dir=str(tmp_path), store=StoreConfig(writer_scheduling="normal"))
 
-    async def main() -> int:
+    async def main() -> str:
         store = await open_configured_store(cfg)
         try:
-            return int(getattr(store, "writer_nice"))  # noqa: B009 - SqliteStore's, not the Store API's
+            return str(getattr(store, "writer_scheduling"))  # noqa: B009 - SqliteStore's, not the Store API's
         finally:
             await store.close()
 
-    assert asyncio.run(main()) == 3
+    assert asyncio.run(main()) == "normal"

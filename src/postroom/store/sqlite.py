@@ -94,9 +94,9 @@ def _meta(row: Sequence[Any]) -> MessageMeta:
 class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, SearchMixin, Store):
     """The default store. Open with :func:`open_store`."""
 
-    def __init__(self, directory: Path, writer_nice: int = 0) -> None:
+    def __init__(self, directory: Path, writer_scheduling: str = "normal") -> None:
         self.dir = directory
-        self.writer_nice = writer_nice
+        self.writer_scheduling = writer_scheduling
         self.db_path = directory / "meta.db"
         self.blob_dir = directory / "blobs"
         self.hub = ChangeHub(directory / "run")
@@ -114,7 +114,11 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         self._native = await asyncio.to_thread(sqlite_native.open_native, self.db_path)
         fast = (self._append_many, self._append_native) if self._native is not None else None
         self._writer = db.GroupCommitWriter(
-            self.db_path, self._remove_dead_files, self._announce, fast=fast, nice=self.writer_nice
+            self.db_path,
+            self._remove_dead_files,
+            self._announce,
+            fast=fast,
+            batch_scheduling=self.writer_scheduling == "batch",
         )
         self._writer.start()
         self.hub.start(self._loop)
@@ -481,12 +485,12 @@ class SqliteStore(AppendMixin, AccountsMixin, MailboxesMixin, QueueMixin, Search
         return self.hub.watch("a", account_id)
 
 
-def open_store(url: str, writer_nice: int = 0) -> Store:
-    """``sqlite:///DIR`` → an unopened SqliteStore (call ``await store.open()``); ``writer_nice``: see
-    :class:`~postroom.store.sqlite_db.GroupCommitWriter`."""
+def open_store(url: str, writer_scheduling: str = "normal") -> Store:
+    """``sqlite:///DIR`` → an unopened SqliteStore (call ``await store.open()``); ``writer_scheduling``:
+    ``"batch"`` or ``"normal"``, see :class:`~postroom.store.sqlite_db.GroupCommitWriter`."""
     if url.startswith("sqlite:///"):
         # sqlite:///relative/dir or sqlite:////absolute/dir (the SQLAlchemy convention)
-        return SqliteStore(Path(url[len("sqlite:///") :]), writer_nice=writer_nice)
+        return SqliteStore(Path(url[len("sqlite:///") :]), writer_scheduling=writer_scheduling)
     if url.startswith(("postgresql://", "postgres://")):
         raise StoreError("the PostgreSQL backend is not available yet; use sqlite:///DIR")
     raise StoreError(f"unknown store url {url!r}")
