@@ -320,7 +320,7 @@ def banner(plan: _Plan, notes: list[str]) -> str:
     lines = [
         f"Postroom {__version__} serving {cfg.hostname} with {plan.workers} worker(s), pid {os.getpid()}",
         f"  data      {cfg.data_path.resolve()}",
-        f"  store     {redact(cfg.store_url)}",
+        f"  store     {redact(cfg.store_url)} (writer scheduling: {cfg.store.writer_scheduling})",
         f"  domains   {', '.join(cfg.domains) or '(none in the config; see postroom domain list)'}",
         f"  tls cert  {plan.certs.cert.resolve()} ({how})",
         f"  sha256    {tls.fingerprint(plan.certs.cert)}",

@@ -163,7 +163,7 @@ def test_banner_tls_everywhere_and_clean_sigterm(tmp_path: Path, servers: list[S
     text = "\n".join(srv.lines)
     data = tmp_path / "data"
     assert f"data      {data}" in text
-    assert f"store     sqlite:///{data / 'store'}" in text
+    assert f"store     sqlite:///{data / 'store'} (writer scheduling: batch)" in text
     cert = data / "tls" / "cert.pem"
     assert oct(os.stat(data / "tls" / "key.pem").st_mode & 0o777) == "0o600"
     fingerprint = tls.fingerprint(cert)
