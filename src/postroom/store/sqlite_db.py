@@ -396,19 +396,7 @@ class GroupCommitWriter:
         touched_by: list[Touched] = []
         fast = self._run_fast(live, touched_by)
         if fast is None:
-            batch_scheduling = self._batch_scheduling
-            if batch_scheduling:
-                set_batch_scheduling(False)  # each statement's GIL hand-off should not wait for a CPU
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-                try:
-                    committed = self._transaction(conn, live, touched_by)
-                finally:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                sync_error = self._sync_wal() if self._own_sync and committed else None
-            finally:
-                if batch_scheduling:
-                    set_batch_scheduling(True)
+            committed, sync_error = self._run_python(conn, live, touched_by)
             if not committed:
                 return None
         else:
@@ -433,6 +421,26 @@ class GroupCommitWriter:
         except Exception:  # pragma: no cover - cleaning up must never kill the writer
             log.exception("post-commit clean-up failed")
         return touched_all
+
+    def _run_python(
+        self, conn: sqlite3.Connection, live: list[_Job], touched_by: list[Touched]
+    ) -> tuple[bool, OSError | None]:
+        """The Python path: ``live`` in one transaction under the write lock, then the WAL sync, under the
+        normal scheduling policy (each statement's GIL hand-off should not wait for a CPU; see the module
+        invariants). Whether it committed, and the sync's error."""
+        batch_scheduling = self._batch_scheduling
+        if batch_scheduling:
+            set_batch_scheduling(False)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                committed = self._transaction(conn, live, touched_by)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            return committed, (self._sync_wal() if self._own_sync and committed else None)
+        finally:
+            if batch_scheduling:
+                set_batch_scheduling(True)
 
     def _run_fast(self, live: list[_Job], touched_by: list[Touched]) -> int | None:
         """Offer ``live`` to the fast version of its bulk function: None when declined (or not offered:
